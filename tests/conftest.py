@@ -1,0 +1,57 @@
+"""Shared fixtures: the generated demo folder, small hand-made folders, a private cache dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tune_inat.data.demo import make_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The standard demo folder (10 classes, 40 train + 10 test images each), made once per session."""
+    return make_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", fmt: str | None = None,
+                seed: int = 0, **save_kwargs) -> Path:
+    """A small random image in any Pillow mode and format."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    image = rgb.convert(mode) if mode != "RGB" else rgb
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **save_kwargs)
+    return path
+
+
+def make_folder(root: Path, classes: dict[str, int], split: str | None = None, seed: int = 0) -> Path:
+    """`root/[split/]<class>/<i>.jpg` with the given number of images per class."""
+    base = root / split if split else root
+    for c, (name, count) in enumerate(classes.items()):
+        (base / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            write_image(base / name / f"{i:03d}.jpg", seed=seed * 1000 + c * 100 + i)
+    return root
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )

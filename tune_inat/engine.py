@@ -1,0 +1,368 @@
+"""The fine-tuning loop in plain PyTorch: one run, advanced one epoch at a time. Knows nothing of Ray.
+
+`FineTuning(config, data, device)` builds the model, optimiser, warmup+cosine schedule and the
+device batches; `run_epoch()` trains and evaluates once and returns that epoch's metrics;
+`state_dict()` / `load_state_dict()` checkpoint and restore it (only the unfrozen part of the
+model is saved: the frozen part is rebuilt from the same weights and seed).
+
+On CUDA: bf16 autocast (fp16 with a grad scaler where bf16 is missing), channels_last for
+convolutional nets, cuDNN autotuning, pinned non-blocking copies, and no host synchronisation
+per batch (losses and hits are summed on the device and read once per epoch). On CPU: fp32,
+deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from tune_inat.data.batches import Augmentation, DeviceBatches
+from tune_inat.data.dataset import TrainValData
+from tune_inat.errors import UserError
+from tune_inat.models import FineTuneModel, build_model, check_image_size, native_image_size, parameter_groups
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one fine-tuning run: the hyperparameters a search explores."""
+
+    backbone: str = "resnet50"
+    weights: str = "imagenet"  # "imagenet", "none", or a path to a state_dict file
+    image_size: int | None = None  # None: the backbone's native input size
+    freeze_fraction: float = 0.8
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # the head's; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only
+    label_smoothing: float = 0.1
+    batch_size: int = 32
+    epochs: int = 10
+    warmup_epochs: float = 0.5
+    augment: bool = True
+    crop_scale_min: float = 0.25
+    color_jitter: float = 0.0
+    grad_accum_steps: int = 1  # batch_size is the effective batch; micro-batches are batch_size / this
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a plain dict (YAML, Ray config): seed aliases accepted, types coerced, checked.
+
+        Any problem raises one UserError line naming `source` and the key.
+        """
+        return cls(**coerce_settings(values, source)).validated()
+
+    def validated(self) -> TrainConfig:
+        """Check every value; resolve `image_size` to the backbone's native size when None."""
+        image_size = self.image_size or native_image_size(self.backbone)
+        check_image_size(self.backbone, image_size)
+        checks = [
+            (self.weights in ("imagenet", "none") or bool(self.weights), "weights", "'imagenet', 'none' or a file path"),
+            (0.0 <= self.freeze_fraction <= 1.0, "freeze_fraction", "a number in [0, 1]"),
+            (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
+            (self.lr > 0, "lr", "a positive number"),
+            (self.backbone_lr_scale > 0, "backbone_lr_scale", "a positive number"),
+            (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
+            (0.0 <= self.momentum < 1.0, "momentum", "a number in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing", "a number in [0, 1)"),
+            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
+            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0"),
+            (0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", "a number in (0, 1]"),
+            (0.0 <= self.color_jitter < 1.0, "color_jitter", "a number in [0, 1)"),
+            (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
+             "grad_accum_steps", "an integer >= 1 that divides batch_size"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise UserError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        return replace(self, image_size=image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type] for f in fields(TrainConfig)
+}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+SETTING_ALIASES = {  # the names the seeds' notebooks and sweeps use
+    "learning_rate": "lr",
+    "freeze": "freeze_fraction",
+    "freeze_percent": "freeze_fraction",
+    "data_augmentation": "augment",
+    "use_augmentation": "augment",
+}
+NAMED_FREEZE_FRACTIONS = {"freeze_all": 1.0, "unfreeze_all": 0.0}
+
+
+def canonical_setting(name: str) -> str:
+    return SETTING_ALIASES.get(name, name)
+
+
+def coerce_setting(name: str, value: Any, source: str = "config") -> Any:
+    """`value` as the type TrainConfig's field `name` holds (YAML reads 1e-3 as a string, 5.0 as a float)."""
+    kind = _FIELD_TYPES.get(name)
+    if kind is None:
+        raise UserError(f"{source}: unknown setting {name!r}; known: {', '.join(sorted(_FIELD_TYPES))}")
+    if name == "freeze_fraction" and value in NAMED_FREEZE_FRACTIONS:
+        return NAMED_FREEZE_FRACTIONS[value]
+    if name == "image_size" and value in (None, "native"):
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return str(value).lower() in ("true", "yes", "on", "1")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {name} must be {_TYPE_WORDS[kind]}, got {value!r}") from None
+
+
+def coerce_settings(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Rename aliases and coerce every value; a setting given twice (by two names) is an error."""
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        name = canonical_setting(str(key))
+        if name in settings:
+            raise UserError(f"{source}: {name} is given twice (as {key!r} and another name)")
+        settings[name] = coerce_setting(name, value, source)
+    return settings
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for CUDA without one is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+class MixedPrecision:
+    """bf16 autocast on CUDA (fp16 + grad scaling where bf16 is missing); fp32 on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.dtype: torch.dtype | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if self.dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def build_optimizer(model: FineTuneModel, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.lr, config.backbone_lr_scale, config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then cosine decay to zero at `total_steps`; stepped per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: FineTuneModel,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    precision: MixedPrecision,
+    grad_accum_steps: int = 1,
+) -> dict[str, float]:
+    """One pass over `batches`; returns train_loss (main head), train_acc and the image count."""
+    model.train()
+    device = precision.device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    step = -1
+    for step, (images, labels) in enumerate(batches):
+        with precision.autocast():
+            loss, main_loss, logits = model.training_loss(images, labels, criterion)
+        precision.backward(loss / grad_accum_steps)
+        if (step + 1) % grad_accum_steps == 0:
+            precision.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        loss_sum += main_loss.detach().float() * len(labels)
+        hits += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+    if (step + 1) % grad_accum_steps:  # a trailing partial accumulation still updates
+        precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    if seen == 0:
+        raise RuntimeError("no training batches")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": hits.item() / seen, "train_images": seen}
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], precision: MixedPrecision
+) -> dict[str, float]:
+    """Plain cross-entropy (no label smoothing, so comparable across runs) and accuracy."""
+    model.eval()
+    device = precision.device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in batches:
+        with precision.autocast():
+            logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        hits += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    return {"val_loss": loss_sum.item() / seen, "val_acc": hits.item() / seen}
+
+
+class FineTuning:
+    """One fine-tuning run of `config` on `data`: build once, then `run_epoch()` until `done`."""
+
+    def __init__(self, config: TrainConfig, data: TrainValData, device: torch.device) -> None:
+        self.config = config = config.validated()
+        self.device = device
+        torch.manual_seed(config.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        model = build_model(
+            config.backbone, len(data.classes), config.weights, config.image_size, config.freeze_fraction
+        )
+        channels_last = device.type == "cuda" and not config.backbone.startswith("vit_")
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        images = data.cache.open_images()
+        common = dict(image_size=config.image_size, device=device, seed=config.seed, channels_last=channels_last)
+        self.train_batches = DeviceBatches(
+            images, data.labels, data.train_rows, train=True,
+            batch_size=config.batch_size // config.grad_accum_steps,
+            augmentation=Augmentation(config.augment, config.crop_scale_min, True, config.color_jitter),
+            **common,
+        )  # fmt: skip
+        self.val_batches = DeviceBatches(
+            images, data.labels, data.val_rows, train=False, batch_size=max(64, config.batch_size), **common
+        )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.precision = MixedPrecision(device)
+        self.optimizer = build_optimizer(self.model, config)
+        steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum_steps)
+        self.scheduler = warmup_cosine(
+            self.optimizer, round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
+        )
+        self.epoch = 0  # epochs completed
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    def run_epoch(self) -> dict[str, float]:
+        """Train one epoch, evaluate on the validation rows, return the epoch's metrics."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        train = train_one_epoch(
+            self.model, self.train_batches.epoch(self.epoch), self.optimizer, self.scheduler,
+            self.criterion, self.precision, self.config.grad_accum_steps,
+        )  # fmt: skip
+        train_seconds = time.perf_counter() - start
+        val = evaluate(self.model, self.val_batches.epoch(self.epoch), self.precision)
+        self.epoch += 1
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else math.nan
+        return {
+            "epoch": self.epoch,
+            "train_loss": train["train_loss"],
+            "train_acc": train["train_acc"],
+            "val_loss": val["val_loss"],
+            "val_acc": val["val_acc"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - start,
+            "images_per_second": train["train_images"] / train_seconds,
+            "peak_gpu_memory_mb": peak,
+        }
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model tensors that training can change: everything outside the frozen modules."""
+        frozen = {f"net.{name}".rstrip(".") for name in self.model.frozen_modules}
+        return {k: v for k, v in self.model.state_dict().items() if k.rpartition(".")[0] not in frozen}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run where it stopped (the frozen part excluded)."""
+        state = {
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "model": self.model_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        expected_missing = set(self.model.state_dict()) - set(self.model_state())
+        if unexpected or set(missing) - expected_missing:
+            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(set(missing) - expected_missing)[:3]}, unexpected {unexpected[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "scaler" in state and self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.epoch = state["epoch"]

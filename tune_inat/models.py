@@ -1,0 +1,376 @@
+"""One factory for every supported torchvision backbone: build, new head, freeze, parameter groups.
+
+`build_model(name, num_classes, weights, image_size, freeze_fraction)` is the only way a model
+is made, for any backbone (like timm's `create_model`): the torchvision architecture, the
+weights (`imagenet`, `none`, or a state_dict file), a fresh `num_classes` head (auxiliary heads
+too), and the freeze fraction applied. The result is a `FineTuneModel` whose `forward` always
+returns the main logits and whose `training_loss` adds the auxiliary heads where they help.
+
+Freeze semantics: the backbone's parameterised modules (modules owning parameters directly),
+in forward order, without the new head and auxiliary branches; the first
+`floor(f * count)` of them are frozen. f = 0 trains everything, f = 1 only the head.
+BatchNorm layers in the frozen part stay in eval mode, so their running statistics never move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+from torchvision.models.vision_transformer import interpolate_embeddings
+
+from tune_inat.data.batches import IMAGENET_MEAN, IMAGENET_STD
+from tune_inat.data.decode import EVAL_CROP_FRACTION
+from tune_inat.errors import UserError, cli_main
+
+
+@dataclass(frozen=True)
+class AuxBranch:
+    """An auxiliary classifier: its module, its final Linear, and the trunk block it reads."""
+
+    module: str
+    head: str
+    attached_to: str
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the factory needs to know about one torchvision architecture."""
+
+    head: str  # dotted path of the final Linear classifier
+    aux: tuple[AuxBranch, ...] = ()
+    aux_weight: float = 0.0  # loss weight of each auxiliary head (from the papers)
+    aux_min_size: int = 0  # smallest input the auxiliary branches accept
+    min_size: int = 16
+    size_multiple: int = 1
+
+
+_RESNET = BackboneSpec(head="fc")
+_VGG = BackboneSpec(head="classifier.6")
+_EFFICIENTNET = BackboneSpec(head="classifier.1")
+_MOBILENET_V3 = BackboneSpec(head="classifier.3")
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": _RESNET,
+    "resnet34": _RESNET,
+    "resnet50": _RESNET,
+    "resnet101": _RESNET,
+    "vgg16": _VGG,
+    "vgg16_bn": _VGG,
+    "googlenet": BackboneSpec(
+        head="fc",
+        aux=(AuxBranch("aux1", "aux1.fc2", "inception4a"), AuxBranch("aux2", "aux2.fc2", "inception4d")),
+        aux_weight=0.3,
+    ),
+    "inception_v3": BackboneSpec(
+        head="fc", aux=(AuxBranch("AuxLogits", "AuxLogits.fc", "Mixed_6e"),), aux_weight=0.4,
+        aux_min_size=299, min_size=75,
+    ),
+    "efficientnet_v2_s": _EFFICIENTNET,
+    "efficientnet_v2_m": _EFFICIENTNET,
+    "convnext_tiny": BackboneSpec(head="classifier.2"),
+    "vit_b_16": BackboneSpec(head="heads.head", size_multiple=16),
+    "mobilenet_v3_small": _MOBILENET_V3,
+    "mobilenet_v3_large": _MOBILENET_V3,
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def native_image_size(name: str) -> int:
+    """The input size the ImageNet weights were evaluated at (299 for inception_v3, 384 for efficientnet_v2_s)."""
+    backbone_spec(name)
+    return int(tv_models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    spec = backbone_spec(name)
+    if image_size < spec.min_size:
+        raise UserError(f"{name} needs image_size >= {spec.min_size}, got {image_size}")
+    if image_size % spec.size_multiple:
+        raise UserError(f"{name} needs image_size divisible by {spec.size_multiple}, got {image_size}")
+
+
+class FineTuneModel(nn.Module):
+    """A torchvision network with a new head and a frozen prefix whose BatchNorms stay in eval mode."""
+
+    def __init__(self, net: nn.Module, backbone: str, aux_weight: float, frozen_modules: list[str]) -> None:
+        super().__init__()
+        self.net = net
+        self.backbone = backbone
+        self.aux_weight = aux_weight
+        self.frozen_modules = frozen_modules
+        self._frozen_norms = [
+            m for name in frozen_modules if isinstance(m := net.get_submodule(name), nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def train(self, mode: bool = True) -> FineTuneModel:
+        super().train(mode)
+        for norm in self._frozen_norms:
+            norm.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return _main_logits(self.net(images))
+
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to optimise, main head's loss, main logits): aux heads add `aux_weight * their loss`."""
+        outputs = self.net(images)
+        logits = _main_logits(outputs)
+        main_loss = criterion(logits, labels)
+        loss = main_loss
+        if isinstance(outputs, tuple):
+            for aux_logits in outputs[1:]:
+                if aux_logits is not None:
+                    loss = loss + self.aux_weight * criterion(aux_logits, labels)
+        return loss, main_loss, logits
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def head_parameter_names(self) -> set[str]:
+        """Parameters of the new head and of the auxiliary heads: they train at the full `lr`."""
+        spec = BACKBONES[self.backbone]
+        prefixes = tuple(f"net.{head}." for head in [spec.head, *(branch.head for branch in spec.aux)])
+        return {name for name, _ in self.named_parameters() if name.startswith(prefixes)}
+
+
+def _main_logits(outputs: Any) -> torch.Tensor:
+    return outputs[0] if isinstance(outputs, tuple) else outputs  # torchvision's aux namedtuples
+
+
+def _replace_linear(net: nn.Module, path: str, num_classes: int) -> None:
+    old = net.get_submodule(path)
+    net.set_submodule(path, nn.Linear(old.in_features, num_classes))
+
+
+def parameterised_modules(net: nn.Module, spec: BackboneSpec) -> list[str]:
+    """Names of the backbone's modules that own parameters, in forward order, without heads and aux branches."""
+    excluded = [spec.head] + [branch.module for branch in spec.aux]
+    return [
+        name
+        for name, module in net.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+        and not any(name == ex or name.startswith(ex + ".") for ex in excluded)
+    ]
+
+
+def freeze_prefix(net: nn.Module, modules: list[str], fraction: float) -> list[str]:
+    """Freeze the first floor(fraction * len(modules)) modules; return their names."""
+    if not 0.0 <= fraction <= 1.0:
+        raise UserError(f"freeze_fraction must be in [0, 1], got {fraction}")
+    frozen = modules[: math.floor(fraction * len(modules) + 1e-9)]
+    for name in frozen:
+        for param in net.get_submodule(name).parameters(recurse=False):
+            param.requires_grad_(False)
+    return frozen
+
+
+def _load_torchvision(name: str, weights: str, image_size: int, aux: bool) -> nn.Module:
+    spec = BACKBONES[name]
+    kwargs: dict[str, Any] = {}
+    if spec.aux:
+        kwargs["aux_logits"] = aux
+        if weights == "none":
+            kwargs["init_weights"] = False
+    if name.startswith("vit_") and weights == "none":
+        kwargs["image_size"] = image_size
+    if weights == "imagenet":
+        fetch_weights(name)  # one clear line when offline, before torchvision tries
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # googlenet: "auxiliary heads are not pretrained"
+            return tv_models.get_model(name, weights=tv_models.get_model_weights(name).DEFAULT, **kwargs)
+    net = tv_models.get_model(name, weights=None, **kwargs)
+    if weights != "none":
+        _load_state_dict_file(net, Path(weights), name)
+    return net
+
+
+def _load_state_dict_file(net: nn.Module, path: Path, name: str) -> None:
+    """Load backbone weights from a state_dict file; head tensors of another shape are skipped."""
+    if not path.is_file():
+        raise UserError(f"weights must be 'imagenet', 'none' or a state_dict file; {path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state_dict")
+    if all(key.startswith("net.") for key in state):
+        state = {key[len("net."):]: value for key, value in state.items()}
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if len(missing) > 0.2 * len(own):
+        raise UserError(f"weights file {path} does not fit {name}: {len(missing)} of {len(own)} tensors missing or of another shape")
+    net.load_state_dict(usable, strict=False)
+
+
+def _resize_vit(net: nn.Module, name: str, image_size: int) -> nn.Module:
+    """Rebuild a ViT for another input size, interpolating its position embeddings."""
+    patch_size = net.patch_size
+    state = interpolate_embeddings(image_size, patch_size, net.state_dict())
+    resized = tv_models.get_model(name, weights=None, image_size=image_size)
+    resized.load_state_dict(state)
+    return resized
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    freeze_fraction: float = 0.0,
+    auxiliary_heads: bool = True,
+) -> FineTuneModel:
+    """Build `name` with a fresh `num_classes` head and the first `freeze_fraction` of it frozen.
+
+    Auxiliary heads (googlenet, inception_v3) are kept only for training that can use them:
+    `auxiliary_heads` is True, the input is large enough, and the block they read still learns.
+    """
+    spec = backbone_spec(name)
+    image_size = image_size or native_image_size(name)
+    check_image_size(name, image_size)
+    if num_classes < 2:
+        raise UserError(f"need at least 2 classes, got {num_classes}")
+    use_aux = auxiliary_heads and bool(spec.aux) and freeze_fraction < 1.0 and image_size >= spec.aux_min_size
+    net = _load_torchvision(name, weights, image_size, aux=use_aux)
+    if name.startswith("vit_") and weights != "none" and image_size != net.image_size:
+        net = _resize_vit(net, name, image_size)
+    _replace_linear(net, spec.head, num_classes)
+    frozen = freeze_prefix(net, parameterised_modules(net, spec), freeze_fraction)
+    for branch in spec.aux if use_aux else ():
+        _replace_linear(net, branch.head, num_classes)
+        if not any(p.requires_grad for p in net.get_submodule(branch.attached_to).parameters()):
+            setattr(net, branch.module, None)  # an aux head helps only if the block it reads still learns
+    return FineTuneModel(net, name, spec.aux_weight, frozen_modules=frozen)
+
+
+def parameter_groups(
+    model: FineTuneModel, lr: float, backbone_lr_scale: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """Head at `lr`, backbone at `lr * backbone_lr_scale`; no weight decay on biases and norms."""
+    heads = model.head_parameter_names()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((name in heads, param.ndim > 1), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr if is_head else lr * backbone_lr_scale,
+            "weight_decay": weight_decay if decays else 0.0,
+            "name": f"{'head' if is_head else 'backbone'}{'' if decays else '_no_decay'}",
+        }
+        for (is_head, decays), params in sorted(groups.items(), reverse=True)
+    ]
+
+
+MODEL_FILE_FORMAT = "tune-inat-model/1"
+
+
+def save_model_file(
+    path: Path, model: FineTuneModel, classes: Sequence[str], image_size: int, config: dict[str, Any]
+) -> None:
+    """One self-contained file: weights (without aux branches), classes, backbone, input size, normalisation."""
+    aux_prefixes = tuple(f"net.{branch.module}." for branch in BACKBONES[model.backbone].aux)
+    payload = {
+        "format": MODEL_FILE_FORMAT,
+        "backbone": model.backbone,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "eval_crop_fraction": EVAL_CROP_FRACTION,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(aux_prefixes)},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
+def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
+    """Load a file written by `save_model_file` (weights_only: no code is unpickled)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"model file {path} does not exist") from None
+    except Exception as err:
+        raise UserError(f"{path} is not a tune-inat model file ({str(err).splitlines()[0][:120]})") from err
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
+        raise UserError(f"{path} is not a tune-inat model file (no {MODEL_FILE_FORMAT!r} format tag)")
+    model = build_model(
+        payload["backbone"], len(payload["classes"]), "none", payload["image_size"], auxiliary_heads=False
+    )
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta
+
+
+def is_weights_cached(name: str) -> bool:
+    """True when the ImageNet weights of `name` are already in the torch hub cache (no download needed)."""
+    url = tv_models.get_model_weights(name).DEFAULT.url
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file()
+
+
+def fetch_weights(name: str) -> None:
+    """Make sure the ImageNet weights of `name` are in the torch hub cache, downloading them if needed."""
+    backbone_spec(name)
+    if is_weights_cached(name):
+        return
+    try:
+        tv_models.get_model_weights(name).DEFAULT.get_state_dict(progress=True, check_hash=True)
+    except (OSError, http.client.HTTPException, RuntimeError) as err:
+        raise UserError(
+            f"cannot download the ImageNet weights of {name} ({err}); fetch them once on a connected "
+            f"machine with `python -m tune_inat.models fetch {name}` (stored in {torch.hub.get_dir()}/checkpoints), "
+            f"or use weights: none"
+        ) from err
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_inat.models", description="Backbones and their weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="supported backbones, native input sizes, and whether weights are cached")
+    fetch = sub.add_parser("fetch", help="download ImageNet weights into the torch cache (for offline use later)")
+    fetch.add_argument("backbones", nargs="+", metavar="BACKBONE")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name in BACKBONES:
+            cached = "cached" if is_weights_cached(name) else "not cached"
+            print(f"{name:20s} native {native_image_size(name)} px   ImageNet weights {cached}")
+        return 0
+    for name in args.backbones:
+        fetch_weights(name)
+        print(f"{name}: ImageNet weights in {torch.hub.get_dir()}/checkpoints")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

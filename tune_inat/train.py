@@ -1,0 +1,148 @@
+"""`python -m tune_inat.train`: one fine-tuning run without Ray, a line per epoch, the model saved.
+
+Settings come from the flags, or from `--config FILE` (for example the `best_config.yaml` a search
+writes), flags overriding the file. `--demo` trains on the generated demo folder with settings
+that suit a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from tune_inat.data.cache import default_cache_dir
+from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
+from tune_inat.data.demo import ensure_demo_data
+from tune_inat.engine import FineTuning, TrainConfig, coerce_settings, resolve_device
+from tune_inat.errors import UserError, cli_main
+from tune_inat.models import fetch_weights, save_model_file
+
+# Random init, small images, a small network: a run that learns the demo folder on 2 CPU cores.
+DEMO_SETTINGS: dict[str, Any] = {
+    "backbone": "resnet18", "weights": "none", "image_size": 48, "freeze_fraction": 0.0,
+    "lr": 1e-3, "backbone_lr_scale": 1.0, "batch_size": 32, "epochs": 10, "crop_scale_min": 0.5,
+}  # fmt: skip
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data flags every command shares."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)")
+    source.add_argument("--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of train/ held out for validation (default 0.2)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="for a root without val/: share of each class held out as the test set (default 0.2)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the splits (default 0)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    cache_dir = (args.cache_dir or default_cache_dir()).expanduser()
+    root = ensure_demo_data(cache_dir) if args.demo else args.data
+    for flag, value in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise UserError(f"{flag} must be between 0 and 1, got {value}")
+    return DataConfig(root=root, cache_dir=cache_dir, val_fraction=args.val_fraction,
+                      test_fraction=args.test_fraction, split_seed=args.split_seed)
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune_inat.train",
+        description="One fine-tuning run (no search): prints a line per epoch and saves the final model.",
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML of settings, e.g. a search's best_config.yaml")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--output", type=Path, metavar="FILE", help="model file (default results/train-<backbone>-<time>/model.pt)")
+    settings = parser.add_argument_group("settings (default: the config file's, else TrainConfig's)")
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            settings.add_argument(flag, default=None, metavar=field.name.upper())
+    return parser.parse_args(argv)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = dict(DEMO_SETTINGS) if args.demo else {}
+    if args.config:
+        values.update(coerce_settings(read_settings_file(args.config), str(args.config)))
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    values.update(flags)
+    return TrainConfig.from_dict(values, "settings")
+
+
+def format_epoch(metrics: dict[str, float], epochs: int) -> str:
+    return (
+        f"epoch {metrics['epoch']:>3}/{epochs}  train_loss {metrics['train_loss']:.3f}  "
+        f"train_acc {100 * metrics['train_acc']:5.1f}%  val_loss {metrics['val_loss']:.3f}  "
+        f"val_acc {100 * metrics['val_acc']:5.1f}%  {metrics['epoch_seconds']:6.1f} s  "
+        f"{metrics['images_per_second']:7.0f} img/s"
+    )
+
+
+def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path) -> list[dict[str, float]]:
+    """Train `config` to the end, print each epoch, save the model and the per-epoch metrics."""
+    fine_tuning = FineTuning(config, data, resolve_device(device_name))
+    model = fine_tuning.model
+    print(
+        f"{config.backbone} ({config.weights} weights), {config.image_size} px, freeze {config.freeze_fraction:g}: "
+        f"{model.num_trainable_parameters():,} of {model.num_parameters():,} parameters train; "
+        f"{len(data.train_rows)} train / {len(data.val_rows)} validation images, {len(data.classes)} classes, "
+        f"device {fine_tuning.device}"
+    )
+    history = []
+    while not fine_tuning.done:
+        metrics = fine_tuning.run_epoch()
+        history.append(metrics)
+        print(format_epoch(metrics, config.epochs), flush=True)
+    save_model_file(output, model, data.classes, config.image_size, config.to_dict())
+    with open(output.with_name("epochs.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    output.with_name("config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print(f"model: {output}\nmetrics: {output.with_name('epochs.csv')}\nconfig: {output.with_name('config.yaml')}")
+    return history
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    setup_logging(args.debug)
+    config = train_config_from_args(args)
+    if config.weights == "imagenet":
+        fetch_weights(config.backbone)  # fail fast when offline, before decoding any image
+    data = prepare_train_val(data_config_from_args(args), config.image_size)
+    output = args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
+    run(config, data, args.device, output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
