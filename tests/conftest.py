@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -55,3 +56,34 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     return subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray for the whole session: 2 CPUs and one declared (not real) GPU, on 127.0.0.1.
+
+    The declared GPU lets tests check fractional GPU reservations on a machine without one; the
+    trials see no CUDA device and train on the CPU.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The demo search (demo.yaml: 8 trials, ASHA, Optuna), run once for every test that reads its output."""
+    from tune_inat.data.dataset import DataConfig
+    from tune_inat.search import prepare_data, run_search
+    from tune_inat.space import load_space
+
+    spec = load_space("demo")
+    data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)
+    results = tmp_path_factory.mktemp("results")
+    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0)
+    return SimpleNamespace(spec=spec, grid=grid, folder=results / "demo-test", data_config=data_config)

@@ -17,6 +17,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -66,7 +67,8 @@ class TrainConfig:
         image_size = self.image_size or native_image_size(self.backbone)
         check_image_size(self.backbone, image_size)
         checks = [
-            (self.weights in ("imagenet", "none") or bool(self.weights), "weights", "'imagenet', 'none' or a file path"),
+            (self.weights in ("imagenet", "none") or Path(self.weights).expanduser().is_file(),
+             "weights", "'imagenet', 'none' or the path of a state_dict file"),
             (0.0 <= self.freeze_fraction <= 1.0, "freeze_fraction", "a number in [0, 1]"),
             (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
             (self.lr > 0, "lr", "a positive number"),
@@ -91,7 +93,7 @@ class TrainConfig:
         return asdict(self)
 
 
-_FIELD_TYPES: dict[str, type] = {
+FIELD_TYPES: dict[str, type] = {
     f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type] for f in fields(TrainConfig)
 }
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -113,12 +115,12 @@ def canonical_setting(name: str) -> str:
 
 def coerce_setting(name: str, value: Any, source: str = "config") -> Any:
     """`value` as the type TrainConfig's field `name` holds (YAML reads 1e-3 as a string, 5.0 as a float)."""
-    kind = _FIELD_TYPES.get(name)
+    kind = FIELD_TYPES.get(name)
     if kind is None:
-        raise UserError(f"{source}: unknown setting {name!r}; known: {', '.join(sorted(_FIELD_TYPES))}")
-    if name == "freeze_fraction" and value in NAMED_FREEZE_FRACTIONS:
+        raise UserError(f"{source}: unknown setting {name!r}; known: {', '.join(sorted(FIELD_TYPES))}")
+    if name == "freeze_fraction" and isinstance(value, str) and value in NAMED_FREEZE_FRACTIONS:
         return NAMED_FREEZE_FRACTIONS[value]
-    if name == "image_size" and value in (None, "native"):
+    if name == "image_size" and (value is None or value == "native"):
         return None
     try:
         if kind is bool:
@@ -326,7 +328,7 @@ class FineTuning:
             "train_acc": train["train_acc"],
             "val_loss": val["val_loss"],
             "val_acc": val["val_acc"],
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "current_lr": self.optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - start,
             "images_per_second": train["train_images"] / train_seconds,
             "peak_gpu_memory_mb": peak,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 import time
 from dataclasses import fields
@@ -18,9 +17,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from tune_inat.data.cache import default_cache_dir
-from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
-from tune_inat.data.demo import ensure_demo_data
+from tune_inat.cli import add_data_arguments, data_config_from_args, read_yaml, setup_logging
+from tune_inat.data.dataset import TrainValData, prepare_train_val
 from tune_inat.engine import FineTuning, TrainConfig, coerce_settings, resolve_device
 from tune_inat.errors import UserError, cli_main
 from tune_inat.models import fetch_weights, save_model_file
@@ -32,39 +30,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data flags every command shares."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)")
-    source.add_argument("--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of train/ held out for validation (default 0.2)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="for a root without val/: share of each class held out as the test set (default 0.2)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the splits (default 0)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    cache_dir = (args.cache_dir or default_cache_dir()).expanduser()
-    root = ensure_demo_data(cache_dir) if args.demo else args.data
-    for flag, value in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise UserError(f"{flag} must be between 0 and 1, got {value}")
-    return DataConfig(root=root, cache_dir=cache_dir, val_fraction=args.val_fraction,
-                      test_fraction=args.test_fraction, split_seed=args.split_seed)
-
-
-def setup_logging(debug: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
-
-
 def read_settings_file(path: Path) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    values = read_yaml(path, "config file")
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     return values

@@ -1,0 +1,249 @@
+"""What a search writes for people and pandas: `epochs.parquet`, `trials.parquet`, the leaderboard.
+
+`ParquetResults` is a Ray Tune callback running in the driver: every reported epoch becomes a
+row of `epochs.parquet` and updates its trial's row in `trials.parquet`, both rewritten atomically
+(temp file + rename) at each event, so `pd.read_parquet` works at any moment of a running search.
+On `--resume` it reloads both files and keys rows by (trial_id, epoch), so nothing written is
+lost and no row is duplicated. The folder may be local or any URI pyarrow's filesystems handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from dataclasses import fields
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray import tune
+
+from tune_inat.engine import FIELD_TYPES, TrainConfig
+from tune_inat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EPOCHS_FILE = "epochs.parquet"
+TRIALS_FILE = "trials.parquet"
+_ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+KEY_COLUMNS = [
+    ("experiment", pa.string(), "search name (the results sub-folder)"),
+    ("trial_id", pa.string(), "Ray Tune trial id"),
+]
+CONFIG_COLUMNS = [(f.name, _ARROW[FIELD_TYPES[f.name]], "trial setting (see the settings table)") for f in fields(TrainConfig)]
+EPOCH_COLUMNS = [
+    ("epoch", pa.int64(), "epoch number, from 1"),
+    ("train_loss", pa.float64(), "mean training loss of the main head (label smoothing included)"),
+    ("train_acc", pa.float64(), "training accuracy, 0..1, on augmented images"),
+    ("val_loss", pa.float64(), "cross-entropy on the validation split (no smoothing)"),
+    ("val_acc", pa.float64(), "validation accuracy, 0..1"),
+    ("current_lr", pa.float64(), "head learning rate at the end of the epoch"),
+    ("epoch_seconds", pa.float64(), "wall seconds of the epoch (training + validation)"),
+    ("images_per_second", pa.float64(), "training images per second"),
+    ("peak_gpu_memory_mb", pa.float64(), "peak GPU memory of the trial in the epoch, MiB (NaN on CPU)"),
+    ("gpu_share", pa.float64(), "share of a GPU the trial held (0 on CPU)"),
+    ("timestamp", TIMESTAMP, "when the epoch was reported (UTC)"),
+]
+TRIAL_COLUMNS = [
+    ("status", pa.string(), "running, completed, stopped_early (by ASHA or the time budget), or error"),
+    ("error", pa.string(), "one-line reason when status is error"),
+    ("best_score", pa.float64(), "best value of the search metric over its epochs (val_acc by default)"),
+    ("best_val_acc", pa.float64(), "best validation accuracy over its epochs"),
+    ("last_val_acc", pa.float64(), "validation accuracy of its last epoch"),
+    ("best_epoch", pa.int64(), "epoch of the best value of the search metric"),
+    ("epochs_run", pa.int64(), "epochs reported"),
+    ("max_epochs", pa.int64(), "epochs it would run if never stopped (epochs, capped by --max-epochs)"),
+    ("wall_seconds", pa.float64(), "seconds the trial ran, restarts included"),
+    ("gpu_seconds", pa.float64(), "sum of epoch seconds times GPU share"),
+    ("trainable_parameters", pa.int64(), "parameters that train (freeze_fraction decides)"),
+    ("startup_seconds", pa.float64(), "trial start to first training step: model build, cache open, weights"),
+    ("started_at", TIMESTAMP, "first report or start (UTC)"),
+    ("ended_at", TIMESTAMP, "completion or error (UTC); null while running"),
+]
+EPOCHS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in KEY_COLUMNS + CONFIG_COLUMNS + EPOCH_COLUMNS])
+TRIALS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in KEY_COLUMNS + CONFIG_COLUMNS + TRIAL_COLUMNS])
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as s3://bucket/dir; clear error if unsupported."""
+    try:
+        if "://" in uri:
+            return pafs.FileSystem.from_uri(uri)
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise UserError(f"cannot use results location {uri}: {err}") from err
+
+
+def write_table_atomic(table: pa.Table, filesystem: pafs.FileSystem, path: str) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, temporary, filesystem=filesystem)
+    filesystem.move(temporary, path)
+
+
+def read_table(filesystem: pafs.FileSystem, path: str) -> pa.Table | None:
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    return pq.read_table(path, filesystem=filesystem)
+
+
+def trial_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's full, typed settings (defaults filled in, aliases resolved)."""
+    try:
+        return TrainConfig.from_dict(config, "trial").to_dict()
+    except UserError:  # never let a results row fail the search
+        return {k: config.get(k) for k in FIELD_TYPES}
+
+
+def error_reason(trial: Any) -> str:
+    """One line for why a trial failed, from the exception Ray saved."""
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # an unreadable error file must not hide the status
+        error = None
+    cause = getattr(error, "cause", None) or error
+    if cause is None:
+        return "error (see the trial's error.txt)"
+    text = str(cause).strip().splitlines()
+    message = text[-1] if text else ""
+    return f"{type(cause).__name__}: {message}"[:300]
+
+
+class ParquetResults(tune.Callback):
+    """Keep `epochs.parquet` and `trials.parquet` of one experiment up to date as results arrive."""
+
+    def __init__(self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max") -> None:
+        self.folder = folder
+        self.experiment = experiment
+        self.metric = metric
+        self.mode = mode
+        self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._trials: dict[str, dict[str, Any]] = {}
+
+    # -- Ray Tune hooks -------------------------------------------------------------------
+    def setup(self, **info: Any) -> None:
+        filesystem, folder = resolve_folder(self.folder)
+        filesystem.create_dir(folder, recursive=True)
+        epochs = read_table(filesystem, f"{folder}/{EPOCHS_FILE}")
+        trials = read_table(filesystem, f"{folder}/{TRIALS_FILE}")
+        for row in epochs.to_pylist() if epochs is not None else []:
+            self._epochs[(row["trial_id"], row["epoch"])] = row
+        for row in trials.to_pylist() if trials is not None else []:
+            self._trials[row["trial_id"]] = row
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._trial_row(trial)
+        if row["status"] not in ("completed", "stopped_early"):
+            row.update(status="running", error=None, ended_at=None)
+        self._write()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        row = {"experiment": self.experiment, "trial_id": trial.trial_id, **trial_settings(trial.config)}
+        row.update({name: result.get(name) for name, _, _ in EPOCH_COLUMNS if name != "timestamp"})
+        row["timestamp"] = _now()
+        self._epochs[(trial.trial_id, epoch)] = row
+        summary = self._trial_row(trial)
+        summary.update(
+            status="running",
+            max_epochs=result.get("max_epochs"),
+            wall_seconds=result.get("time_total_s"),
+            trainable_parameters=result.get("trainable_parameters"),
+            startup_seconds=result.get("startup_seconds"),
+        )
+        self._summarise(summary)
+        self._write()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._trial_row(trial)
+        self._summarise(row)
+        finished = row["epochs_run"] is not None and row["max_epochs"] is not None and row["epochs_run"] >= row["max_epochs"]
+        row.update(status="completed" if finished else "stopped_early", error=None, ended_at=_now())
+        self._write()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._trial_row(trial)
+        self._summarise(row)
+        row.update(status="error", error=error_reason(trial), ended_at=_now())
+        self._write()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._write()
+
+    # -- rows -------------------------------------------------------------------------------
+    def _trial_row(self, trial: Any) -> dict[str, Any]:
+        row = self._trials.get(trial.trial_id)
+        if row is None:
+            row = {name: None for name in TRIALS_SCHEMA.names}
+            row.update(experiment=self.experiment, trial_id=trial.trial_id, status="running", started_at=_now())
+            row.update(trial_settings(trial.config))
+            self._trials[trial.trial_id] = row
+        return row
+
+    def _summarise(self, row: dict[str, Any]) -> None:
+        epochs = sorted((r for (tid, _), r in self._epochs.items() if tid == row["trial_id"]), key=lambda r: r["epoch"])
+        if not epochs:
+            return
+        scores = [(r[self.metric], r["epoch"]) for r in epochs if r.get(self.metric) is not None and not math.isnan(r[self.metric])]
+        best = (max if self.mode == "max" else min)(scores) if scores else (None, None)
+        accuracies = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
+        row.update(
+            best_score=best[0],
+            best_val_acc=max(accuracies) if accuracies else None,
+            last_val_acc=epochs[-1].get("val_acc"),
+            best_epoch=best[1],
+            epochs_run=epochs[-1]["epoch"],
+            gpu_seconds=sum((r.get("epoch_seconds") or 0.0) * (r.get("gpu_share") or 0.0) for r in epochs),
+        )
+
+    def _write(self) -> None:
+        filesystem, folder = resolve_folder(self.folder)
+        epochs = sorted(self._epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
+        trials = sorted(self._trials.values(), key=lambda r: r["trial_id"])
+        try:
+            write_table_atomic(pa.Table.from_pylist(epochs, schema=EPOCHS_SCHEMA), filesystem, f"{folder}/{EPOCHS_FILE}")
+            write_table_atomic(pa.Table.from_pylist(trials, schema=TRIALS_SCHEMA), filesystem, f"{folder}/{TRIALS_FILE}")
+        except (OSError, pa.ArrowException) as err:  # a full disk must not kill the search; say it once per event
+            log.warning("could not write results to %s: %s", self.folder, err)
+
+
+def read_results(folder: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(epochs, trials) DataFrames of one results folder."""
+    filesystem, path = resolve_folder(folder)
+    epochs = read_table(filesystem, f"{path}/{EPOCHS_FILE}")
+    trials = read_table(filesystem, f"{path}/{TRIALS_FILE}")
+    if trials is None or epochs is None:
+        raise UserError(f"{folder} holds no search results ({TRIALS_FILE} and {EPOCHS_FILE} missing)")
+    return epochs.to_pandas(), trials.to_pandas()
+
+
+def leaderboard(trials: pd.DataFrame, columns: Iterable[str], mode: str = "max", top: int = 10) -> pd.DataFrame:
+    """The best `top` trials by their best value of the search metric, with the searched settings."""
+    ranked = trials.sort_values("best_score", ascending=(mode == "min"), na_position="last")
+    shown = ["trial_id", *[c for c in columns if c in ranked.columns], "best_val_acc", "epochs_run", "max_epochs", "status"]
+    return ranked[shown].head(top).reset_index(drop=True)
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """A plain-text table: accuracy in %, floats short, status spelled out."""
+    table = board.copy()
+    table["best_val_acc"] = (100 * table["best_val_acc"]).map(lambda v: f"{v:.1f}%" if pd.notna(v) else "-")
+    table["epochs"] = [f"{r}/{m}" if pd.notna(r) else "-" for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))]
+    for column in table.columns:
+        if pd.api.types.is_float_dtype(table[column]):
+            table[column] = table[column].map(lambda v: f"{v:.3g}")
+    table.index = range(1, len(table) + 1)
+    return table.to_string()

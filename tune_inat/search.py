@@ -1,0 +1,331 @@
+"""`python -m tune_inat.search`: the product's main job, a Ray Tune search over fine-tuning recipes.
+
+space file + CLI -> validated SearchSpec -> data cached once per resolution -> resources planned
+against the Ray cluster -> Tuner (ASHA, Optuna TPE, Parquet + wandb callbacks) or Tuner.restore
+-> leaderboard, best_config.yaml, paths of everything written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from tune_inat.cli import add_data_arguments, data_config_from_args, setup_logging
+from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
+from tune_inat.errors import UserError, cli_main
+from tune_inat.models import fetch_weights
+from tune_inat.space import SCHEDULERS, SEARCHERS, SearchSpec, load_space, parse_duration, with_fixed, with_overrides
+
+log = logging.getLogger(__name__)
+
+BEST_CONFIG_FILE = "best_config.yaml"
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial reserves, and how many run at once."""
+
+    cpus: float
+    gpus: float
+    max_concurrent: int
+
+
+def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]]) -> TrialResources:
+    """Check the asked-for resources against the cluster's nodes, before any trial starts."""
+    options = spec.options
+    node_gpus = [node.get("GPU", 0.0) for node in nodes]
+    node_cpus = [node.get("CPU", 0.0) for node in nodes]
+    gpus = options.gpus_per_trial
+    if sum(node_gpus) == 0:
+        if gpus is None or gpus > 0:
+            log.warning("warning: no GPU in the Ray cluster: trials run on the CPU (slow; fine for the demo)")
+        gpus = 0.0
+    elif gpus is None:
+        gpus = 0.25
+    if gpus > max(node_gpus):
+        raise UserError(f"gpus_per_trial {gpus:g} is more than any node has ({max(node_gpus):g} GPUs per node)")
+    cpus = options.cpus_per_trial or (2.0 if gpus > 0 else 1.0)
+    if cpus > max(node_cpus):
+        raise UserError(f"cpus_per_trial {cpus:g} is more than any node has ({max(node_cpus):g} CPUs per node)")
+    fits = sum(
+        min(math.floor(c / cpus + 1e-9), math.floor(g / gpus + 1e-9) if gpus else sys.maxsize)
+        for c, g in zip(node_cpus, node_gpus)
+    )
+    if fits == 0:
+        raise UserError(f"no node has {cpus:g} CPUs and {gpus:g} GPUs free for one trial")
+    trials = 1 if spec.searcher == "grid" else options.num_samples
+    max_concurrent = options.max_concurrent_trials or max(1, min(fits, trials if spec.searcher != "grid" else fits))
+    return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
+
+
+def prefetch_weights(spec: SearchSpec) -> None:
+    """Download ImageNet weights once in the driver (a clear error offline), never in trials."""
+    if "imagenet" in spec.values_of("weights"):
+        for backbone in spec.values_of("backbone"):
+            fetch_weights(backbone)
+
+
+def prepare_data(spec: SearchSpec, data_config: DataConfig) -> dict[int, TrainValData]:
+    """Build (or find) the decode-once cache for every resolution the space can ask for."""
+    return {size: prepare_train_val(data_config, size) for size in sorted(spec.image_sizes())}
+
+
+def experiment_name(spec: SearchSpec, results_root: str, name: str | None, resume: bool) -> str:
+    """The given name; for --resume without one, the newest restorable search of this space."""
+    stem = Path(spec.source).stem
+    if name:
+        return name
+    if not resume:
+        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "://" in results_root:
+        raise UserError("--resume with a remote --storage-path needs --name")
+    candidates = sorted(Path(results_root).glob(f"{stem}-*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"nothing to resume: no {stem}-* search in {results_root}")
+    return candidates[-1].parent.name
+
+
+def trial_name(trial: Any) -> str:
+    """Short trial names and folders ("trial_1a2b3c4d_00003") instead of Tune's config-laden ones."""
+    return f"trial_{trial.trial_id}"
+
+
+def searched_settings(spec: SearchSpec) -> list[str]:
+    return [name for name, p in spec.parameters.items() if not p.is_fixed]
+
+
+def run_search(
+    spec: SearchSpec,
+    data_config: DataConfig,
+    data_by_size: dict[int, TrainValData],
+    results_root: str,
+    name: str,
+    *,
+    storage_root: str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 1,
+) -> Any:
+    """Run (or resume) the search on the already-initialised Ray cluster; returns the ResultGrid."""
+    import ray
+    from ray import tune
+
+    from tune_inat.results import ParquetResults
+    from tune_inat.searchers import make_scheduler, make_searcher, num_samples
+    from tune_inat.space import to_tune_space
+    from tune_inat.trainable import TrialContext, fine_tune_trial
+
+    resources = plan_resources(spec, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs)
+    trainable = tune.with_resources(
+        tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
+    )
+    storage = storage_root or results_root
+    experiment_path = f"{storage.rstrip('/')}/{name}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise UserError(f"nothing to resume at {experiment_path}")
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+        return tuner.fit()
+    param_space = to_tune_space(spec)
+    param_space.setdefault("seed", spec.options.seed)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=make_searcher(spec),
+            scheduler=make_scheduler(spec),
+            num_samples=num_samples(spec),
+            max_concurrent_trials=resources.max_concurrent,
+            time_budget_s=spec.options.time_budget_s,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage if "://" in storage else os.path.abspath(storage),
+            callbacks=[ParquetResults(f"{results_root.rstrip('/')}/{name}", name, spec.metric, spec.mode), *callbacks],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode
+            ),  # the best checkpoint, and Ray always keeps the latest too
+            failure_config=tune.FailureConfig(max_failures=spec.options.max_failures),
+            verbose=verbose,
+            progress_reporter=tune.CLIReporter(
+                parameter_columns=searched_settings(spec),
+                metric_columns=["epoch", "train_loss", "val_loss", "val_acc"],
+                sort_by_metric=True,
+                max_progress_rows=15,
+                max_error_rows=5,
+                max_report_frequency=30,
+            ),  # one status table every 30 s (used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets)
+        ),
+    )
+    return tuner.fit()
+
+
+def summarise(spec: SearchSpec, folder: str, data_root: Path) -> str:
+    """Leaderboard, what ASHA saved, the best config written as YAML, and the paths; as text."""
+    from tune_inat.results import format_leaderboard, leaderboard, read_results, resolve_folder
+
+    epochs, trials = read_results(folder)
+    lines = []
+    if trials.empty:
+        return "no trial finished an epoch"
+    board = leaderboard(trials, searched_settings(spec), spec.mode)
+    lines.append(f"Leaderboard: top {len(board)} of {len(trials)} trials by {spec.metric}")
+    lines.append(format_leaderboard(board))
+    stopped = int((trials["status"] == "stopped_early").sum())
+    errors = int((trials["status"] == "error").sum())
+    budget = int(trials["max_epochs"].fillna(0).sum())
+    lines.append(
+        f"{stopped} of {len(trials)} trials stopped early; {len(epochs)} of {budget} trial-epochs run"
+        + (f"; {errors} trials failed (see the error column of trials.parquet)" if errors else "")
+    )
+    scored = trials.dropna(subset=["best_score"])
+    if scored.empty:
+        return "\n".join(lines + ["no trial reported a score"])
+    best = scored.sort_values("best_score", ascending=(spec.mode == "min")).iloc[0]
+    settings = {name: _plain(best[name]) for name in _settings_columns()}
+    settings["epochs"] = int(best["max_epochs"]) if best["max_epochs"] == best["max_epochs"] else settings["epochs"]
+    filesystem, path = resolve_folder(folder)
+    with filesystem.open_output_stream(f"{path}/{BEST_CONFIG_FILE}") as out:
+        header = f"# best of search {best['experiment']}: trial {best['trial_id']}, val_acc {100 * best['best_val_acc']:.1f}%\n"
+        out.write((header + yaml.safe_dump(settings, sort_keys=False)).encode())
+    lines.append(
+        f"Best: trial {best['trial_id']}, val_acc {100 * best['best_val_acc']:.1f}% at epoch {int(best['best_epoch'])}"
+    )
+    lines.append("Written:")
+    lines.append(f"  {folder}/trials.parquet    one row per trial")
+    lines.append(f"  {folder}/epochs.parquet    one row per trial and epoch")
+    lines.append(f"  {folder}/{BEST_CONFIG_FILE}  re-run it: python -m tune_inat.train --data {data_root} --config {folder}/{BEST_CONFIG_FILE}")
+    return "\n".join(lines)
+
+
+def _settings_columns() -> list[str]:
+    from tune_inat.engine import FIELD_TYPES
+
+    return list(FIELD_TYPES)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python, for YAML."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tune_inat.search",
+        description="Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE).",
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--space", default=None, help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo (default: default; demo with --demo)")
+    parser.add_argument("--name", default=None, help="experiment name (default <space>-<time>); --resume without it takes the newest of this space")
+    parser.add_argument("--results", default="results", help="results folder or URI (default ./results)")
+    parser.add_argument("--storage-path", default=None, help="where Ray keeps experiment state and checkpoints (default: the results folder); NFS path or s3:// / gs://")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
+    options = parser.add_argument_group("search options (override the space file's tune_inat: block)")
+    options.add_argument("--num-samples", type=int, default=None, help="number of trials (W&B run_cap)")
+    options.add_argument("--max-epochs", type=int, default=None, help="cap on every trial's epochs; ASHA's max_t")
+    options.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    options.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can be stopped")
+    options.add_argument("--reduction-factor", type=float, default=None, help="ASHA: keep 1/this at each rung")
+    options.add_argument("--searcher", choices=SEARCHERS, default=None)
+    options.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial, e.g. 0.25: four trials per GPU")
+    options.add_argument("--cpus-per-trial", type=float, default=None)
+    options.add_argument("--max-concurrent-trials", type=int, default=None)
+    options.add_argument("--time-budget", default=None, help="stop launching and end the search after this long, e.g. 2h, 90m")
+    options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials)")
+    options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
+    options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, replacing the space's entry (repeatable), e.g. --set weights=none")
+    cluster = parser.add_argument_group("Ray")
+    cluster.add_argument("--address", default=None, help="join an existing Ray cluster: auto, or HOST:PORT (default: start a local one)")
+    cluster.add_argument("--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)")
+    cluster.add_argument("--quiet", action="store_true", help="no progress table")
+    cluster.add_argument("--worker-logs", action="store_true", help="show the trials' own log lines (hidden by default: errors are in the status table and trials.parquet)")
+    return parser.parse_args(argv)
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """["weights=none", "image_size=32"] -> {"weights": "none", "image_size": 32} (values read as YAML)."""
+    fixed = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--set takes NAME=VALUE, got {item!r}")
+        fixed[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return fixed
+
+
+def build_spec(args: argparse.Namespace) -> SearchSpec:
+    spec = with_fixed(load_space(args.space or ("demo" if args.demo else "default")), parse_assignments(args.set))
+    return with_overrides(
+        spec,
+        num_samples=args.num_samples,
+        max_epochs=args.max_epochs,
+        scheduler=args.scheduler,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        searcher=args.searcher,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent_trials=args.max_concurrent_trials,
+        time_budget_s=parse_duration(args.time_budget, "--time-budget") if args.time_budget else None,
+        seed=args.seed,
+        max_failures=args.max_failures,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+    )
+
+
+def quiet_ray_environment() -> None:
+    """Ray's console: one periodic status table instead of a box per result; no snapshot-rate warnings."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    setup_logging(args.debug)
+    quiet_ray_environment()
+    spec = build_spec(args)
+    data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
+    prefetch_weights(spec)
+    name = experiment_name(spec, args.storage_path or args.results, args.name, args.resume)
+    data_by_size = prepare_data(spec, data_config)
+
+    if args.address is None:  # a local cluster listens on 127.0.0.1 only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if args.address is None:
+        ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 log_to_driver=args.worker_logs)
+    else:
+        ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=args.worker_logs)
+    try:
+        run_search(
+            spec, data_config, data_by_size, args.results, name,
+            storage_root=args.storage_path, resume=args.resume, verbose=0 if args.quiet else 1,
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    print(summarise(spec, f"{args.results.rstrip('/')}/{name}", data_config.root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

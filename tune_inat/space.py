@@ -1,0 +1,396 @@
+"""Search spaces: a W&B sweep YAML file -> a validated `SearchSpec` -> a Ray Tune parameter space.
+
+The file is the W&B sweep configuration users already write (`method`, `metric`, `parameters`,
+`early_terminate`, `run_cap`), so an existing sweep runs unchanged. Our additions live under one
+extra top-level key, `tune_inat:`. Every key and value is checked here, before Ray starts; a
+problem is one line naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tune_inat.cli import read_yaml
+from tune_inat.engine import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting
+from tune_inat.errors import UserError
+from tune_inat.models import native_image_size
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+METHODS = {"bayes": "optuna", "random": "random", "grid": "grid"}
+SEARCHERS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "fifo")
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+METRIC_ALIASES = {"val_accuracy": "val_acc", "validation_accuracy": "val_acc", "accuracy": "val_acc",
+                  "val_acc_epoch": "val_acc", "validation_loss": "val_loss", "train_accuracy": "train_acc"}
+GOALS = {"maximize": "max", "minimize": "min", "max": "max", "min": "min"}
+DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform", "log_uniform",
+                 "log_uniform_values", "q_log_uniform_values")
+# W&B keys we read; the others W&B knows (program, command, ...) are accepted and ignored.
+SWEEP_KEYS = {"method", "metric", "parameters", "early_terminate", "run_cap", "name", "description",
+              "program", "command", "project", "entity", "tune_inat"}
+PARAMETER_KEYS = {"value", "values", "distribution", "min", "max", "q", "probabilities"}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searched or fixed setting, in W&B terms."""
+
+    name: str  # canonical TrainConfig field name
+    distribution: str  # one of DISTRIBUTIONS
+    values: tuple = ()  # constant: one value; categorical: the choices
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.distribution == "constant"
+
+    def candidates(self) -> tuple:
+        """Every value worth checking: the choices, or the range's ends."""
+        return self.values if self.values else (self.low, self.high)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Our additions (the `tune_inat:` key), every one overridable from the command line."""
+
+    num_samples: int = 8
+    max_epochs: int | None = None  # cap on every trial's epochs; ASHA's max_t. None: the space's largest
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 3
+    searcher: str | None = None  # None: from `method`
+    gpus_per_trial: float | None = None  # None: 0.25 where there are GPUs, else 0
+    cpus_per_trial: float | None = None  # None: 2 with GPUs, 1 without
+    max_concurrent_trials: int | None = None  # None: as many as the resources fit
+    time_budget_s: float | None = None
+    seed: int = 0
+    max_failures: int = 1
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    source: str
+    metric: str
+    mode: str
+    parameters: dict[str, Parameter]
+    options: SearchOptions = field(default_factory=SearchOptions)
+
+    @property
+    def searcher(self) -> str:
+        return self.options.searcher or "optuna"
+
+    def values_of(self, name: str) -> tuple:
+        """All values a discrete setting can take (the TrainConfig default if not in the space)."""
+        parameter = self.parameters.get(name)
+        if parameter is None:
+            return (getattr(TrainConfig(), name),)
+        if parameter.values:
+            return parameter.values
+        raise UserError(f"{self.source}: parameters.{name} must be a value or a list of values, not a range")
+
+    def largest_epochs(self) -> int:
+        parameter = self.parameters.get("epochs")
+        if parameter is None:
+            return TrainConfig().epochs
+        return int(max(parameter.candidates()))
+
+    @property
+    def max_epochs(self) -> int:
+        return self.options.max_epochs or self.largest_epochs()
+
+    def image_sizes(self) -> set[int]:
+        """Every input resolution a trial can use: the decode cache is built once for each."""
+        sizes = set()
+        for backbone, size in itertools.product(self.values_of("backbone"), self.values_of("image_size")):
+            sizes.add(size or native_image_size(backbone))
+        return sizes
+
+
+def _fail(source: str, key: str, message: str) -> UserError:
+    return UserError(f"{source}: {key}: {message}")
+
+
+def parse_duration(text: str | float | int, source: str = "time_budget") -> float:
+    """'2h', '90m', '1h30m', '45s' or a number of seconds -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", str(text))
+        if not match or not any(match.groups()):
+            raise UserError(f"{source}: {text!r} is not a duration (examples: 2h, 90m, 1h30m, 3600)")
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise UserError(f"{source}: the duration must be positive, got {text!r}")
+    return seconds
+
+
+def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
+    where = f"parameters.{key}"
+    name = canonical_setting(key)
+    if not isinstance(raw, dict):
+        raise _fail(source, where, f"expected a mapping such as {{value: ...}} or {{values: [...]}}, got {raw!r}")
+    unknown = sorted(set(raw) - PARAMETER_KEYS)
+    if unknown:
+        raise _fail(source, where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(PARAMETER_KEYS))}")
+    distribution = raw.get("distribution")
+    if distribution is None:
+        if "value" in raw:
+            distribution = "constant"
+        elif "values" in raw:
+            distribution = "categorical"
+        elif "min" in raw and "max" in raw:
+            is_int = all(isinstance(raw[k], int) and not isinstance(raw[k], bool) for k in ("min", "max"))
+            distribution = "int_uniform" if is_int else "uniform"
+        else:
+            raise _fail(source, where, "give value, values, or min and max (with a distribution)")
+    if distribution not in DISTRIBUTIONS:
+        raise _fail(source, where, f"distribution {distribution!r} is not supported; use one of {', '.join(DISTRIBUTIONS)}")
+
+    def coerce(value: Any) -> Any:
+        return coerce_setting(name, value, f"{source}: {where}")
+
+    if distribution == "constant":
+        if "value" not in raw:
+            raise _fail(source, where, "distribution constant needs a value")
+        return Parameter(name, "constant", (coerce(raw["value"]),))
+    if distribution == "categorical":
+        values = raw.get("values")
+        if not isinstance(values, list) or not values:
+            raise _fail(source, where, f"values must be a non-empty list, got {values!r}")
+        return Parameter(name, "categorical", tuple(coerce(v) for v in values))
+    for bound in ("min", "max"):
+        if bound not in raw:
+            raise _fail(source, where, f"distribution {distribution} needs min and max")
+    kind = FIELD_TYPES.get(name)
+    if kind not in (int, float):
+        raise _fail(source, where, f"{name} takes no numeric range; use values: [...]")
+    if kind is int and distribution in ("uniform", "log_uniform", "log_uniform_values"):
+        raise _fail(source, where, f"{name} is a whole number: use int_uniform, a q_ distribution, or values")
+    try:
+        low, high = float(raw["min"]), float(raw["max"])
+        q = float(raw["q"]) if "q" in raw else (1.0 if distribution.startswith("q_") else None)
+    except (TypeError, ValueError):
+        raise _fail(source, where, f"min, max and q must be numbers, got {raw.get('min')!r}, {raw.get('max')!r}") from None
+    if distribution == "log_uniform":  # W&B: min and max are exponents of e
+        low, high = math.exp(low), math.exp(high)
+        distribution = "log_uniform_values"
+    if not low < high:
+        raise _fail(source, where, f"min ({raw['min']}) must be smaller than max ({raw['max']})")
+    if distribution in ("log_uniform_values", "q_log_uniform_values") and low <= 0:
+        raise _fail(source, where, f"a log distribution needs min > 0, got {raw['min']}")
+    if q is not None and q <= 0:
+        raise _fail(source, where, f"q must be positive, got {q}")
+    if distribution == "int_uniform":
+        low, high = coerce(low), coerce(high)
+    return Parameter(name, distribution, (), low, high, q)
+
+
+def _check_values(spec: SearchSpec) -> None:
+    """Every value a trial can get must make a valid TrainConfig: fail now, not in trial 17."""
+    base = {name: p.values[0] for name, p in spec.parameters.items() if p.is_fixed}
+    for name, parameter in spec.parameters.items():
+        if name in ("backbone", "image_size"):
+            continue
+        for value in parameter.candidates():
+            try:
+                TrainConfig.from_dict({**base, "backbone": spec.values_of("backbone")[0], "image_size": None, name: value})
+            except UserError as err:
+                raise _fail(spec.source, f"parameters.{name}", str(err)) from None
+    for backbone, size in itertools.product(spec.values_of("backbone"), spec.values_of("image_size")):
+        try:
+            TrainConfig.from_dict({**base, "backbone": backbone, "image_size": size})
+        except UserError as err:
+            key = "backbone" if "backbone" in str(err) else "image_size"
+            raise _fail(spec.source, f"parameters.{key}", str(err)) from None
+
+
+def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOptions:
+    """Our `tune_inat:` block, plus what W&B's own keys say (run_cap, early_terminate, method)."""
+    values: dict[str, Any] = {}
+    method = sweep.get("method", "bayes")
+    if method not in METHODS:
+        raise _fail(source, "method", f"{method!r} is not one of {', '.join(METHODS)}")
+    values["searcher"] = METHODS[method]
+    if "run_cap" in sweep:
+        values["num_samples"] = sweep["run_cap"]
+    early = sweep.get("early_terminate")
+    if early is not None:
+        if not isinstance(early, dict) or early.get("type") != "hyperband":
+            raise _fail(source, "early_terminate", "only {type: hyperband, min_iter, eta} is supported (it maps to ASHA)")
+        unknown = sorted(set(early) - {"type", "min_iter", "eta", "max_iter", "s", "strict"})
+        if unknown:
+            raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}")
+        values["scheduler"] = "asha"
+        if "min_iter" in early:
+            values["grace_period"] = early["min_iter"]
+        if "eta" in early:
+            values["reduction_factor"] = early["eta"]
+        if "max_iter" in early:
+            values["max_epochs"] = early["max_iter"]
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise _fail(source, "tune_inat", f"expected a mapping, got {raw!r}")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("resources", "scheduler_options", "data") and isinstance(value, dict):
+            flat.update(value)  # grouped keys are accepted for readability
+        elif key == "scheduler" and isinstance(value, dict):
+            flat.update({("scheduler" if k == "type" else k): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    if "time_budget" in flat:
+        flat["time_budget_s"] = parse_duration(flat.pop("time_budget"), f"{source}: tune_inat.time_budget")
+    known = {f.name for f in fields(SearchOptions)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise _fail(source, "tune_inat", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known | {'time_budget'}))}")
+    values.update(flat)
+    return check_options(SearchOptions(**{k: v for k, v in values.items()}), source)
+
+
+def check_options(options: SearchOptions, source: str) -> SearchOptions:
+    """Type and range checks of the options (after the file and after command-line overrides)."""
+    def number(key: str, value: Any, kind: type, low: float, low_open: bool = False) -> Any:
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if not ok or value < low or (low_open and value == low):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise _fail(source, f"tune_inat.{key}", f"must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+        return kind(value)
+
+    checked = {
+        "num_samples": number("num_samples", options.num_samples, int, 1),
+        "max_epochs": number("max_epochs", options.max_epochs, int, 1),
+        "grace_period": number("grace_period", options.grace_period, int, 1),
+        "reduction_factor": number("reduction_factor", options.reduction_factor, float, 1, low_open=True),
+        "gpus_per_trial": number("gpus_per_trial", options.gpus_per_trial, float, 0),
+        "cpus_per_trial": number("cpus_per_trial", options.cpus_per_trial, float, 0, low_open=True),
+        "max_concurrent_trials": number("max_concurrent_trials", options.max_concurrent_trials, int, 1),
+        "time_budget_s": number("time_budget_s", options.time_budget_s, float, 0, low_open=True),
+        "seed": number("seed", options.seed, int, 0),
+        "max_failures": number("max_failures", options.max_failures, int, 0),
+        "split_seed": number("split_seed", options.split_seed, int, 0),
+    }
+    if options.scheduler not in SCHEDULERS:
+        raise _fail(source, "tune_inat.scheduler", f"{options.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if options.searcher is not None and options.searcher not in SEARCHERS:
+        raise _fail(source, "tune_inat.searcher", f"{options.searcher!r} is not one of {', '.join(SEARCHERS)}")
+    if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
+        raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
+    gpus = checked["gpus_per_trial"]
+    if gpus is not None and gpus > 1 and not gpus.is_integer():
+        raise _fail(source, "tune_inat.gpus_per_trial", f"a share above 1 must be a whole number of GPUs, got {gpus}")
+    return replace(options, **checked)
+
+
+def parse_space(raw: Any, source: str) -> SearchSpec:
+    """A W&B sweep mapping -> a validated SearchSpec."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a W&B sweep mapping (method, metric, parameters), got {type(raw).__name__}")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+    metric_raw = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
+    if not isinstance(metric_raw, dict) or set(metric_raw) - {"name", "goal", "target"}:
+        raise _fail(source, "metric", "expected {name: val_acc, goal: maximize}")
+    metric = METRIC_ALIASES.get(metric_raw.get("name", "val_acc"), metric_raw.get("name", "val_acc"))
+    if metric not in METRICS:
+        raise _fail(source, "metric.name", f"{metric!r} is not one of {', '.join(METRICS)}")
+    goal = metric_raw.get("goal", "minimize" if metric.endswith("loss") else "maximize")
+    if goal not in GOALS:
+        raise _fail(source, "metric.goal", f"{goal!r} is not maximize or minimize")
+    parameters_raw = raw.get("parameters")
+    if not isinstance(parameters_raw, dict) or not parameters_raw:
+        raise _fail(source, "parameters", "a mapping of settings is required")
+    parameters: dict[str, Parameter] = {}
+    for key, value in parameters_raw.items():
+        parameter = _parse_parameter(source, str(key), value)
+        if parameter.name in parameters:
+            raise _fail(source, f"parameters.{key}", f"{parameter.name} is given twice (under two names)")
+        parameters[parameter.name] = parameter
+    options = _parse_options(source, raw.get("tune_inat"), raw)
+    spec = SearchSpec(source, metric, GOALS[goal], parameters, options)
+    check_searcher_fits(spec)
+    _check_values(spec)
+    return spec
+
+
+def check_searcher_fits(spec: SearchSpec) -> None:
+    if spec.searcher == "grid":
+        ranged = [name for name, p in spec.parameters.items() if not p.values]
+        if ranged:
+            raise _fail(spec.source, f"parameters.{ranged[0]}", "grid search needs value or values, not a distribution")
+        if not any(p.distribution == "categorical" for p in spec.parameters.values()):
+            raise _fail(spec.source, "parameters", "grid search needs at least one parameter with values")
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped space ('default', 'quick', 'demo', 'seed_sweep')."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        return path
+    return SPACES_DIR / f"{name_or_path}.yaml"
+
+
+def load_space(path: str | Path) -> SearchSpec:
+    path = resolve_space_path(path)
+    return parse_space(read_yaml(path, "search space file"), str(path))
+
+
+def with_overrides(spec: SearchSpec, **overrides: Any) -> SearchSpec:
+    """Command-line values (None = not given) override the file's options; checked again."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    options = check_options(replace(spec.options, **given), "command line")
+    spec = replace(spec, options=options)
+    check_searcher_fits(spec)
+    return spec
+
+
+def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
+    """Fix settings for every trial (e.g. `--set weights=none`), replacing the space's entries; checked again."""
+    if not settings:
+        return spec
+    parameters = dict(spec.parameters)
+    for key, value in settings.items():
+        parameter = _parse_parameter("--set", key, {"value": value})
+        parameters[parameter.name] = parameter
+    spec = replace(spec, parameters=parameters)
+    check_searcher_fits(spec)
+    _check_values(spec)
+    return spec
+
+
+def to_tune_space(spec: SearchSpec) -> dict[str, Any]:
+    """The Ray Tune `param_space`: fixed values as they are, searched ones as Tune domains."""
+    from ray import tune  # Ray stays out of the validation path above
+
+    space: dict[str, Any] = {}
+    for name, p in spec.parameters.items():
+        if p.is_fixed:
+            space[name] = p.values[0]
+        elif p.distribution == "categorical":
+            space[name] = tune.grid_search(list(p.values)) if spec.searcher == "grid" else tune.choice(list(p.values))
+        elif p.distribution == "uniform":
+            space[name] = tune.uniform(p.low, p.high)
+        elif p.distribution == "int_uniform":
+            space[name] = tune.randint(int(p.low), int(p.high) + 1)  # W&B's max is inclusive
+        elif p.distribution == "q_uniform":
+            space[name] = tune.quniform(p.low, p.high, p.q)
+        elif p.distribution == "log_uniform_values":
+            space[name] = tune.loguniform(p.low, p.high)
+        else:  # q_log_uniform_values
+            space[name] = tune.qloguniform(p.low, p.high, p.q)
+    return space
