@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import logging
 import math
+import netrc
 import os
 import uuid
 from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, Iterable
+from urllib.parse import urlparse
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray import tune
+from ray.air.integrations.wandb import WandbLoggerCallback
 
 from tune_inat.engine import FIELD_TYPES, TrainConfig
 from tune_inat.errors import UserError
@@ -247,3 +250,66 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             table[column] = table[column].map(lambda v: f"{v:.3g}")
     table.index = range(1, len(table) + 1)
     return table.to_string()
+
+
+def wandb_is_logged_in() -> bool:
+    """True when wandb has an API key: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes.
+
+    Read without wandb's own API, which may reach for the network; the key itself is never shown.
+    """
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class TolerantWandbCallback(WandbLoggerCallback):
+    """Ray's WandbLoggerCallback where wandb trouble (no network, bad key, full disk) is a warning, never a failed search."""
+
+    _broken = False
+
+    def _guard(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._broken:
+            return
+        try:
+            getattr(super(), method)(*args, **kwargs)
+        except Exception as err:
+            self._broken = True
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("wandb logging turned off for this search: %s", reason)
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self._guard("setup", *args, **kwargs)
+
+    def log_trial_start(self, trial: Any) -> None:
+        self._guard("log_trial_start", trial)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        self._guard("log_trial_result", iteration, trial, result)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        self._guard("log_trial_end", trial, failed)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._guard("on_experiment_end", trials, **info)
+
+
+def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
+    """One wandb run per trial, grouped by experiment, config logged, step = epoch (one report per epoch).
+
+    The caller sets WANDB_MODE=offline in the driver's environment before Ray starts when there
+    is no API key (see `search.configure_wandb`).
+    """
+    return TolerantWandbCallback(
+        project=project,
+        group=experiment,
+        log_config=False,
+        upload_timeout=120,  # at the end, wait at most this long for uploads, then move on
+        excludes=["pid", "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
+                  "checkpoint_dir_name", "timestamp"],
+        resume="allow",  # a restored trial continues its run (same id) instead of clashing with it
+        job_type="trial",
+    )

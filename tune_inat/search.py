@@ -112,14 +112,14 @@ def run_search(
     *,
     storage_root: str | None = None,
     resume: bool = False,
-    callbacks: Sequence[Any] = (),
+    wandb_project: str | None = None,
     verbose: int = 1,
 ) -> Any:
     """Run (or resume) the search on the already-initialised Ray cluster; returns the ResultGrid."""
     import ray
     from ray import tune
 
-    from tune_inat.results import ParquetResults
+    from tune_inat.results import ParquetResults, wandb_callback
     from tune_inat.searchers import make_scheduler, make_searcher, num_samples
     from tune_inat.space import to_tune_space
     from tune_inat.trainable import TrialContext, fine_tune_trial
@@ -155,7 +155,10 @@ def run_search(
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage if "://" in storage else os.path.abspath(storage),
-            callbacks=[ParquetResults(f"{results_root.rstrip('/')}/{name}", name, spec.metric, spec.mode), *callbacks],
+            callbacks=[
+                ParquetResults(f"{results_root.rstrip('/')}/{name}", name, spec.metric, spec.mode),
+                *([wandb_callback(wandb_project, name)] if wandb_project else []),
+            ],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode
             ),  # the best checkpoint, and Ray always keeps the latest too
@@ -248,6 +251,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials)")
     options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
     options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, replacing the space's entry (repeatable), e.g. --set weights=none")
+    tracking = parser.add_argument_group("wandb")
+    tracking.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
+    tracking.add_argument("--wandb-project", default="tune-inat", help="wandb project (default tune-inat)")
     cluster = parser.add_argument_group("Ray")
     cluster.add_argument("--address", default=None, help="join an existing Ray cluster: auto, or HOST:PORT (default: start a local one)")
     cluster.add_argument("--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)")
@@ -297,6 +303,21 @@ def quiet_ray_environment() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def configure_wandb(enabled: bool) -> str | None:
+    """wandb mode for this search, set in the driver's environment before Ray starts.
+
+    Online when wandb has an API key (WANDB_API_KEY or `wandb login`), else offline; an explicit
+    WANDB_MODE is respected. Returns the mode, or None when wandb is off.
+    """
+    if not enabled:
+        return None
+    from tune_inat.results import wandb_is_logged_in
+
+    if "WANDB_MODE" not in os.environ and not wandb_is_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+    return os.environ.get("WANDB_MODE", "online")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
@@ -306,6 +327,7 @@ def main(argv: Sequence[str]) -> int:
     prefetch_weights(spec)
     name = experiment_name(spec, args.storage_path or args.results, args.name, args.resume)
     data_by_size = prepare_data(spec, data_config)
+    wandb_mode = configure_wandb(not args.no_wandb)
 
     if args.address is None:  # a local cluster listens on 127.0.0.1 only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -320,10 +342,15 @@ def main(argv: Sequence[str]) -> int:
         run_search(
             spec, data_config, data_by_size, args.results, name,
             storage_root=args.storage_path, resume=args.resume, verbose=0 if args.quiet else 1,
+            wandb_project=args.wandb_project if wandb_mode else None,
         )  # fmt: skip
     finally:
         ray.shutdown()
-    print(summarise(spec, f"{args.results.rstrip('/')}/{name}", data_config.root))
+    folder = f"{args.results.rstrip('/')}/{name}"
+    print(summarise(spec, folder, data_config.root))
+    if wandb_mode == "offline":
+        storage = (args.storage_path or args.results).rstrip("/")
+        print(f"  wandb runs saved offline; upload them with: wandb sync {storage}/{name}/trial_*/wandb/offline-run-*")
     return 0
 
 
