@@ -68,6 +68,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    os.environ["WANDB_MODE"] = "offline"  # real wandb, offline runs in the trial folders
+    os.environ["WANDB_SILENT"] = "true"
     import ray
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -77,7 +79,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The demo search (demo.yaml: 8 trials, ASHA, Optuna), run once for every test that reads its output."""
+    """The demo search (demo.yaml: 8 trials, ASHA, Optuna, wandb offline), run once for every test that reads it."""
     from tune_inat.data.dataset import DataConfig
     from tune_inat.search import prepare_data, run_search
     from tune_inat.space import load_space
@@ -85,5 +87,6 @@ def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathF
     spec = load_space("demo")
     data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)
     results = tmp_path_factory.mktemp("results")
-    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0)
+    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0,
+                      wandb_project="tune-inat-tests")
     return SimpleNamespace(spec=spec, grid=grid, folder=results / "demo-test", data_config=data_config)

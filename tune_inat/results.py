@@ -51,7 +51,7 @@ EPOCH_COLUMNS = [
     ("epoch_seconds", pa.float64(), "wall seconds of the epoch (training + validation)"),
     ("images_per_second", pa.float64(), "training images per second"),
     ("peak_gpu_memory_mb", pa.float64(), "peak GPU memory of the trial in the epoch, MiB (NaN on CPU)"),
-    ("gpu_share", pa.float64(), "share of a GPU the trial held (0 on CPU)"),
+    ("gpu_share", pa.float64(), "share of a GPU Ray reserved for the trial (0 for CPU trials)"),
     ("timestamp", TIMESTAMP, "when the epoch was reported (UTC)"),
 ]
 TRIAL_COLUMNS = [
