@@ -17,7 +17,7 @@ from conftest import REPO
 from tune_inat.data.dataset import DataConfig
 from tune_inat.results import EPOCHS_SCHEMA, TRIALS_SCHEMA, ParquetResults, read_results
 from tune_inat.search import prepare_data, run_search
-from tune_inat.space import load_space, with_overrides
+from tune_inat.space import load_space, with_fixed, with_overrides
 
 
 def test_parquet_files_have_the_documented_schema(demo_search) -> None:
@@ -64,7 +64,7 @@ def test_trial_statuses_match_what_ray_did(demo_search) -> None:
 def test_wandb_offline_runs_hold_every_epoch(demo_search) -> None:
     epochs = pd.read_parquet(demo_search.folder / "epochs.parquet")
     for trial_id, rows in epochs.groupby("trial_id"):
-        run_files = list((demo_search.folder / f"trial_{trial_id}" / "wandb").glob("offline-run-*/run-*.wandb"))
+        run_files = list(demo_search.folder.glob(f"trial_*_{trial_id}/wandb/offline-run-*/run-*.wandb"))
         assert len(run_files) == 1, trial_id
         history = wandb_offline.history(run_files[0])
         assert [h["epoch"] for h in history] == rows.sort_values("epoch")["epoch"].tolist()
@@ -75,7 +75,8 @@ def test_wandb_offline_runs_hold_every_epoch(demo_search) -> None:
 
 
 def test_files_read_correctly_while_the_search_runs(ray_cluster, demo_root: Path, tmp_path: Path) -> None:
-    spec = with_overrides(load_space("demo"), num_samples=3, max_epochs=3, scheduler="fifo")
+    spec = with_fixed(load_space("demo"), {"backbone": "resnet18", "image_size": 32})
+    spec = with_overrides(spec, num_samples=3, max_epochs=3, scheduler="fifo")
     data_config = DataConfig(demo_root, tmp_path / "cache", progress=False)
     data = prepare_data(spec, data_config)
     folder = tmp_path / "live"

@@ -18,9 +18,9 @@ DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_TEST_FRACTION = 0.2
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--data/--demo, --cache-dir and the split flags; None means "not given" (a file may set it)."""
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)")
     source.add_argument("--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")

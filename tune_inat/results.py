@@ -16,6 +16,7 @@ import os
 import uuid
 from dataclasses import fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
@@ -28,6 +29,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from tune_inat.engine import FIELD_TYPES, TrainConfig
 from tune_inat.errors import UserError
+from tune_inat.trainable import TrialFailure
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ EPOCH_COLUMNS = [
     ("images_per_second", pa.float64(), "training images per second"),
     ("peak_gpu_memory_mb", pa.float64(), "peak GPU memory of the trial in the epoch, MiB (NaN on CPU)"),
     ("gpu_share", pa.float64(), "share of a GPU Ray reserved for the trial (0 for CPU trials)"),
+    ("micro_batch_size", pa.int64(), "images per forward pass: batch_size, halved after an out-of-memory retry"),
     ("timestamp", TIMESTAMP, "when the epoch was reported (UTC)"),
 ]
 TRIAL_COLUMNS = [
@@ -85,7 +88,23 @@ def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(uri)
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise UserError(f"cannot use results location {uri}: {err}") from err
+        reason = str(err).splitlines()[0]
+        raise UserError(f"cannot use {uri}: {reason} (is the filesystem for this URI installed and reachable?)") from err
+
+
+def check_writable(location: str, what: str) -> None:
+    """Fail now, in one line, if `location` cannot hold results: a local folder must take a file."""
+    resolve_folder(location)
+    if "://" in location:
+        return  # remote stores are checked by their first write; their credentials are theirs
+    folder = Path(location).expanduser()
+    probe = folder / f".tune-inat-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what} {folder} is not writable ({err.strerror})") from err
 
 
 def write_table_atomic(table: pa.Table, filesystem: pafs.FileSystem, path: str) -> None:
@@ -118,6 +137,8 @@ def error_reason(trial: Any) -> str:
     cause = getattr(error, "cause", None) or error
     if cause is None:
         return "error (see the trial's error.txt)"
+    if isinstance(cause, TrialFailure):  # already written as the line to show
+        return str(cause)[:300]
     text = str(cause).strip().splitlines()
     message = text[-1] if text else ""
     return f"{type(cause).__name__}: {message}"[:300]
@@ -307,7 +328,7 @@ def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
         project=project,
         group=experiment,
         log_config=False,
-        upload_timeout=120,  # at the end, wait at most this long for uploads, then move on
+        upload_timeout=300,  # at the end, wait at most this long for the runs to be written or uploaded
         excludes=["pid", "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
                   "checkpoint_dir_name", "timestamp"],
         resume="allow",  # a restored trial continues its run (same id) instead of clashing with it

@@ -11,6 +11,8 @@ import argparse
 import logging
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import yaml
 
 from tune_inat.cli import add_data_arguments, data_config_from_args, setup_logging
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
-from tune_inat.errors import UserError, cli_main
+from tune_inat.errors import EXIT_INTERRUPTED, UserError, cli_main
 from tune_inat.models import fetch_weights
 from tune_inat.space import SCHEDULERS, SEARCHERS, SearchSpec, load_space, parse_duration, with_fixed, with_overrides
 
@@ -39,14 +41,14 @@ class TrialResources:
     max_concurrent: int
 
 
-def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]]) -> TrialResources:
+def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool = True) -> TrialResources:
     """Check the asked-for resources against the cluster's nodes, before any trial starts."""
     options = spec.options
     node_gpus = [node.get("GPU", 0.0) for node in nodes]
     node_cpus = [node.get("CPU", 0.0) for node in nodes]
     gpus = options.gpus_per_trial
     if sum(node_gpus) == 0:
-        if gpus is None or gpus > 0:
+        if warn and (gpus is None or gpus > 0):
             log.warning("warning: no GPU in the Ray cluster: trials run on the CPU (slow; fine for the demo)")
         gpus = 0.0
     elif gpus is None:
@@ -65,6 +67,13 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]]) -> TrialReso
     trials = 1 if spec.searcher == "grid" else options.num_samples
     max_concurrent = options.max_concurrent_trials or max(1, min(fits, trials if spec.searcher != "grid" else fits))
     return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
+
+
+def local_node_resources() -> dict[str, float]:
+    """What a local Ray would have: this machine's CPUs and CUDA GPUs (checked before starting Ray)."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def prefetch_weights(spec: SearchSpec) -> None:
@@ -95,8 +104,9 @@ def experiment_name(spec: SearchSpec, results_root: str, name: str | None, resum
 
 
 def trial_name(trial: Any) -> str:
-    """Short trial names and folders ("trial_1a2b3c4d_00003") instead of Tune's config-laden ones."""
-    return f"trial_{trial.trial_id}"
+    """Short trial names and folders, "trial_<number>_<id>" ("trial_003_1a2b3c4d"), instead of Tune's config-laden ones."""
+    number = trial.experiment_tag.split("_", 1)[0]
+    return f"trial_{int(number):03d}_{trial.trial_id}" if number.isdigit() else f"trial_{trial.trial_id}"
 
 
 def searched_settings(spec: SearchSpec) -> list[str]:
@@ -114,6 +124,7 @@ def run_search(
     resume: bool = False,
     wandb_project: str | None = None,
     verbose: int = 1,
+    faults: tuple = (),
 ) -> Any:
     """Run (or resume) the search on the already-initialised Ray cluster; returns the ResultGrid."""
     import ray
@@ -124,12 +135,16 @@ def run_search(
     from tune_inat.space import to_tune_space
     from tune_inat.trainable import TrialContext, fine_tune_trial
 
-    resources = plan_resources(spec, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
-    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    resources = plan_resources(spec, nodes)
+    storage = storage_root or results_root
+    if len(nodes) > 1 and "://" not in storage:
+        log.warning("warning: %d nodes share this search: %s must be a folder every node mounts (NFS), "
+                    "or pass --storage-path s3://... / gs://...", len(nodes), storage)
+    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs, faults=faults)
     trainable = tune.with_resources(
         tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
     )
-    storage = storage_root or results_root
     experiment_path = f"{storage.rstrip('/')}/{name}"
     if resume:
         if not tune.Tuner.can_restore(experiment_path):
@@ -226,12 +241,92 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def unfinished_trials(experiment_path: str, spec: SearchSpec) -> int:
+    """How many trials an ended search left to do, from the experiment state on disk (what --resume reads).
+
+    After Ctrl-C Tune stops the running trials but saves them as pending, to be resumed.
+    """
+    from ray import tune
+
+    trials = tune.ExperimentAnalysis(experiment_path).trials
+    left = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    if spec.searcher != "grid" and not spec.options.time_budget_s:
+        left += max(0, spec.options.num_samples - len(trials))  # not even started yet
+    return left
+
+
+def resume_command(argv: Sequence[str], name: str) -> str:
+    """The command line that resumes this search: the same flags, plus --resume --name NAME."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--name":
+            skip = True
+            continue
+        if arg.startswith("--name=") or arg == "--resume":
+            continue
+        kept.append(arg)
+    return " ".join(["python -m tune_inat.search", *kept, "--resume", "--name", name])
+
+
+def connect_ray(address: str | None, dashboard: bool, worker_logs: bool) -> None:
+    """Start a local Ray on 127.0.0.1, or join `address`; an unreachable cluster is one clear line."""
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local cluster to 127.0.0.1
+    import ray
+
+    if address is None:
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 log_to_driver=worker_logs)
+        return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"--address takes the cluster address HOST:PORT (GCS, port 6379 by default), not the "
+                        f"dashboard URL {address}; that one is for `ray job submit --address`")
+    if address != "auto" and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot reach a Ray cluster at {address} ({getattr(err, 'strerror', None) or err}); "
+                            f"start one with `ray start --head` or check the address") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=worker_logs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+
+
+def clean_checkpoints(experiment_dir: str, metric: str, mode: str) -> tuple[str | None, int]:
+    """Delete every checkpoint of a finished search but the best one; (kept path, bytes freed)."""
+    from ray import tune
+
+    from tune_inat.results import read_results
+
+    _, trials = read_results(experiment_dir)
+    unfinished = trials[~trials["status"].isin(["completed", "stopped_early", "error"])]
+    if len(unfinished):
+        raise UserError(f"{experiment_dir} is not finished ({len(unfinished)} trials unfinished): resume it first; "
+                        f"its checkpoints are what --resume continues from")
+    analysis = tune.ExperimentAnalysis(experiment_dir, default_metric=metric, default_mode=mode)
+    best_trial = analysis.get_best_trial(metric, mode, scope="all")
+    best = analysis.get_best_checkpoint(best_trial, metric, mode) if best_trial else None
+    keep = Path(best.path).resolve() if best else None
+    freed = 0
+    for folder in Path(experiment_dir).glob("trial_*/checkpoint_*"):
+        if folder.resolve() != keep:
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder)
+    return (str(keep) if keep else None), freed
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tune_inat.search",
         description="Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE).",
     )
-    add_data_arguments(parser)
+    add_data_arguments(parser, required=False)
     parser.add_argument("--space", default=None, help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo (default: default; demo with --demo)")
     parser.add_argument("--name", default=None, help="experiment name (default <space>-<time>); --resume without it takes the newest of this space")
     parser.add_argument("--results", default="results", help="results folder or URI (default ./results)")
@@ -259,7 +354,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     cluster.add_argument("--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)")
     cluster.add_argument("--quiet", action="store_true", help="no progress table")
     cluster.add_argument("--worker-logs", action="store_true", help="show the trials' own log lines (hidden by default: errors are in the status table and trials.parquet)")
-    return parser.parse_args(argv)
+    parser.add_argument("--clean-checkpoints", action="store_true", help="after the search (or alone, for --name or the newest search of the space): delete every checkpoint but the best one")
+    args = parser.parse_args(argv)
+    if not (args.data or args.demo or args.clean_checkpoints):
+        parser.error("one of the arguments --data --demo is required")
+    return args
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
@@ -323,34 +422,58 @@ def main(argv: Sequence[str]) -> int:
     setup_logging(args.debug)
     quiet_ray_environment()
     spec = build_spec(args)
+    storage = (args.storage_path or args.results).rstrip("/")
+
+    from tune_inat.results import check_writable
+
+    check_writable(args.results, "results folder")
+    if args.storage_path:
+        check_writable(args.storage_path, "--storage-path")
+    name = experiment_name(spec, storage, args.name, args.resume or (args.clean_checkpoints and not (args.data or args.demo)))
+    folder = f"{args.results.rstrip('/')}/{name}"
+    if not (args.data or args.demo):  # --clean-checkpoints alone
+        kept, freed = clean_checkpoints(f"{storage}/{name}", spec.metric, spec.mode)
+        print(f"{name}: freed {freed / 2**20:.1f} MiB of checkpoints; kept the best: {kept}")
+        return 0
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
     data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
     prefetch_weights(spec)
-    name = experiment_name(spec, args.storage_path or args.results, args.name, args.resume)
     data_by_size = prepare_data(spec, data_config)
     wandb_mode = configure_wandb(not args.no_wandb)
+    from tune_inat.trainable import parse_faults
 
-    if args.address is None:  # a local cluster listens on 127.0.0.1 only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        faults = parse_faults(os.environ.get("TUNE_INAT_FAULTS"))  # test-only fault injection
+    except ValueError as err:
+        raise UserError(f"TUNE_INAT_FAULTS: {err}") from None
+
     import ray
 
-    if args.address is None:
-        ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                 log_to_driver=args.worker_logs)
-    else:
-        ray.init(address=args.address, logging_level=logging.WARNING, log_to_driver=args.worker_logs)
+    connect_ray(address, args.dashboard, args.worker_logs)
     try:
         run_search(
             spec, data_config, data_by_size, args.results, name,
             storage_root=args.storage_path, resume=args.resume, verbose=0 if args.quiet else 1,
-            wandb_project=args.wandb_project if wandb_mode else None,
+            wandb_project=args.wandb_project if wandb_mode else None, faults=faults,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; results so far are in {folder}\nresume with: {resume_command(argv, name)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         ray.shutdown()
-    folder = f"{args.results.rstrip('/')}/{name}"
+    unfinished = unfinished_trials(f"{storage}/{name}", spec)
+    if unfinished:
+        print(f"\ninterrupted with {unfinished} trials unfinished; results so far are in {folder}\n"
+              f"resume with: {resume_command(argv, name)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summarise(spec, folder, data_config.root))
     if wandb_mode == "offline":
-        storage = (args.storage_path or args.results).rstrip("/")
         print(f"  wandb runs saved offline; upload them with: wandb sync {storage}/{name}/trial_*/wandb/offline-run-*")
+    if args.clean_checkpoints:
+        kept, freed = clean_checkpoints(f"{storage}/{name}", spec.metric, spec.mode)
+        print(f"  checkpoints: freed {freed / 2**20:.1f} MiB; kept the best: {kept}")
     return 0
 
 

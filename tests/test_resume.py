@@ -1,0 +1,78 @@
+"""Interrupt a real search (Ctrl-C, or the driver SIGKILLed), resume it, and check nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+SEARCH = ["--demo", "--num-samples", "3", "--max-epochs", "4", "--scheduler", "fifo", "--cpus-per-trial", "1",
+          "--set", "backbone=resnet18", "--set", "image_size=32", "--quiet", "--no-wandb", "--name", "interrupted"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: float = 240) -> pd.DataFrame:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        if path.exists():
+            epochs = pd.read_parquet(path)
+            if len(epochs) >= rows:
+                return epochs
+        time.sleep(0.2)
+    raise AssertionError(f"no {rows} epoch rows in {timeout} s")
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tmp_path: Path, shared_cache: Path) -> None:
+    env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1"}
+    args = [*SEARCH, "--results", str(tmp_path / "results")]
+    process = subprocess.Popen([sys.executable, "-m", "tune_inat.search", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "results" / "interrupted"
+    before = _wait_for_rows(folder / "epochs.parquet", 3, process)
+    process.send_signal(getattr(signal, how))
+    _, stderr = process.communicate(timeout=120)
+    if how == "SIGINT":
+        assert process.returncode == 130, stderr[-3000:]
+        assert "resume with: python -m tune_inat.search" in stderr and "--resume --name interrupted" in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+    time.sleep(2)  # let the killed driver's Ray processes go
+    before = pd.read_parquet(folder / "epochs.parquet")  # everything written before the interruption
+
+    resumed = run_cli("tune_inat.search", *args, "--resume", env={"TUNE_INAT_CACHE": str(shared_cache)}, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert len(trials) == 3 and (trials["status"] == "completed").all()
+    assert len(epochs) == 3 * 4 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    # rows written before the interruption are still there, and epochs already trained were not trained again
+    merged = before.merge(epochs, on=["trial_id", "epoch"], suffixes=("_before", "_after"))
+    assert len(merged) == len(before)
+    first_epochs = merged[merged["epoch"] == 1]
+    assert len(first_epochs) >= 1
+    assert (first_epochs["timestamp_before"] == first_epochs["timestamp_after"]).all()
+    assert (first_epochs["val_acc_before"] == first_epochs["val_acc_after"]).all()
+    if how == "SIGINT":  # the finished search ends as any search does: leaderboard, best config that train re-runs
+        assert "Leaderboard: top 3 of 3 trials" in resumed.stdout
+        best = folder / "best_config.yaml"
+        settings = yaml.safe_load(best.read_text())
+        assert settings["backbone"] == "resnet18" and settings["epochs"] == 4 and settings["image_size"] == 32
+        rerun = run_cli("tune_inat.train", "--demo", "--config", str(best), "--epochs", "1", "--output",
+                        str(tmp_path / "model.pt"), env={"TUNE_INAT_CACHE": str(shared_cache)})
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert rerun.stdout.count("epoch ") == 1 and (tmp_path / "model.pt").is_file()
