@@ -15,7 +15,7 @@ import pytest
 import wandb_offline
 from conftest import REPO
 from tune_inat.data.dataset import DataConfig
-from tune_inat.results import EPOCHS_SCHEMA, TRIALS_SCHEMA, ParquetResults, read_results
+from tune_inat.results import EPOCHS_SCHEMA, TRIALS_SCHEMA, read_results, resolve_folder, write_table_atomic
 from tune_inat.search import prepare_data, run_search
 from tune_inat.space import load_space, with_fixed, with_overrides
 
@@ -23,7 +23,7 @@ from tune_inat.space import load_space, with_fixed, with_overrides
 def test_parquet_files_have_the_documented_schema(demo_search) -> None:
     readme = (REPO / "README.md").read_text()
     for name, schema in (("epochs.parquet", EPOCHS_SCHEMA), ("trials.parquet", TRIALS_SCHEMA)):
-        written = pq.read_schema(demo_search.folder / name)
+        written = pq.read_table(demo_search.folder / name).schema
         assert written.remove_metadata().equals(schema), name
         for field in schema:
             documented = f"| `{field.name}` | {field.type} |" in readme or f"`{field.name}` ({field.type})" in readme
@@ -101,7 +101,7 @@ def test_files_read_correctly_while_the_search_runs(ray_cluster, demo_root: Path
                 assert list(epochs.columns) == EPOCHS_SCHEMA.names
                 if (trials["status"] == "running").any():
                     reads_while_running += 1
-            time.sleep(0.05)
+            time.sleep(0.1)
     finally:
         worker.join()
         del os.environ["WANDB_API_KEY"]
@@ -115,15 +115,21 @@ def test_files_read_correctly_while_the_search_runs(ray_cluster, demo_root: Path
 
 
 def test_results_go_to_a_pyarrow_uri(demo_search, tmp_path: Path) -> None:
-    """The writer takes any pyarrow filesystem URI (file:// here; s3:// and gs:// the same way)."""
+    """Results are written and read through pyarrow filesystems (file:// here; s3:// and gs:// the same way)."""
     uri = f"file://{tmp_path}/remote"
-    callback = ParquetResults(uri, "copy")
-    callback.setup()
-    for row in pd.read_parquet(demo_search.folder / "epochs.parquet").to_dict("records"):
-        callback._epochs[(row["trial_id"], row["epoch"])] = row
-    callback._write()
+    filesystem, path = resolve_folder(uri)
+    filesystem.create_dir(f"{path}/epochs.parquet")
+    write_table_atomic(pq.read_table(demo_search.folder / "epochs.parquet"), filesystem, f"{path}/epochs.parquet/part-1.parquet")
+    write_table_atomic(pq.read_table(demo_search.folder / "trials.parquet"), filesystem, f"{path}/trials.parquet")
     epochs, trials = read_results(uri)
     assert len(epochs) == len(pd.read_parquet(demo_search.folder / "epochs.parquet"))
+    assert len(trials) == 8 and not list((tmp_path / "remote").rglob(".*tmp*"))
+
+
+def test_epoch_rows_are_immutable_parts(demo_search) -> None:
+    parts = sorted((demo_search.folder / "epochs.parquet").glob("*.parquet"))
+    assert parts and all(p.name.startswith("part-") for p in parts)
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == len(pd.read_parquet(demo_search.folder / "epochs.parquet"))
 
 
 def test_readme_pandas_snippets_run(demo_search, capsys) -> None:

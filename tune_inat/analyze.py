@@ -57,7 +57,7 @@ def load_search(folder: Path) -> Search:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"results folder {folder} does not exist")
-    if not (folder / TRIALS_FILE).is_file() or not (folder / EPOCHS_FILE).is_file():
+    if not (folder / TRIALS_FILE).is_file() or not (folder / EPOCHS_FILE).exists():
         raise UserError(f"{folder} holds no search results ({TRIALS_FILE} and {EPOCHS_FILE} missing)")
     epochs = pd.read_parquet(folder / EPOCHS_FILE)
     trials = pd.read_parquet(folder / TRIALS_FILE)

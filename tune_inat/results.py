@@ -1,10 +1,11 @@
 """What a search writes for people and pandas: `epochs.parquet`, `trials.parquet`, the leaderboard.
 
 `ParquetResults` is a Ray Tune callback running in the driver: every reported epoch becomes a
-row of `epochs.parquet` and updates its trial's row in `trials.parquet`, both rewritten atomically
-(temp file + rename) at each event, so `pd.read_parquet` works at any moment of a running search.
-On `--resume` it reloads both files and keys rows by (trial_id, epoch), so nothing written is
-lost and no row is duplicated. The folder may be local or any URI pyarrow's filesystems handle.
+row of `epochs.parquet` (a folder of immutable part files that pandas reads as one table) and
+updates its trial's row in `trials.parquet` (one file, replaced atomically), so `pd.read_parquet`
+works at any moment of a running search. On `--resume` it reloads both and keys rows by
+(trial_id, epoch), so nothing written is lost and no row is duplicated. The folder may be local
+or any URI pyarrow's filesystems handle (s3://, gs://).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import netrc
 import os
+import time
 import uuid
 from dataclasses import fields
 from datetime import datetime, timezone
@@ -108,8 +110,12 @@ def check_writable(location: str, what: str) -> None:
 
 
 def write_table_atomic(table: pa.Table, filesystem: pafs.FileSystem, path: str) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    """Write under a hidden temporary name, then rename: readers see the old file or the new one, never half.
+
+    The temporary name starts with "." so pyarrow's dataset discovery (and pandas) skip it.
+    """
+    folder, _, name = path.rpartition("/")
+    temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
     pq.write_table(table, temporary, filesystem=filesystem)
     filesystem.move(temporary, path)
 
@@ -129,9 +135,17 @@ def trial_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_reason(trial: Any) -> str:
-    """One line for why a trial failed, from the exception Ray saved."""
+    """One line for why a trial failed, from the exception Ray saved with the trial."""
+    error = None
+    local = getattr(trial, "pickled_error_file", None)
     try:
-        error = trial.get_pickled_error()
+        if local and os.path.isfile(local):  # written before this callback; the storage copy may lag
+            from ray import cloudpickle
+
+            with open(local, "rb") as f:
+                error = cloudpickle.load(f)
+        else:
+            error = trial.get_pickled_error()
     except Exception:  # an unreadable error file must not hide the status
         error = None
     cause = getattr(error, "cause", None) or error
@@ -145,24 +159,43 @@ def error_reason(trial: Any) -> str:
 
 
 class ParquetResults(tune.Callback):
-    """Keep `epochs.parquet` and `trials.parquet` of one experiment up to date as results arrive."""
+    """Keep `epochs.parquet` and `trials.parquet` of one experiment up to date as results arrive.
 
-    def __init__(self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max") -> None:
+    `epochs.parquet` is a folder of immutable part files (pandas and pyarrow read it as one
+    table): rows are only ever added, each part written under a hidden name and renamed into
+    place, so a reader never sees a half-written or replaced file; new rows land within
+    `flush_seconds`. `trials.parquet` (one row per trial, which changes as the trial runs) is one
+    file replaced atomically when a trial starts, ends or fails, and otherwise at most every
+    `trials_refresh_seconds`: pyarrow reads a file in two opens, so a replacement that falls
+    between them could confuse a reader, and rare replacements make that practically never happen.
+    """
+
+    def __init__(self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max",
+                 flush_seconds: float = 5.0, trials_refresh_seconds: float = 30.0) -> None:
         self.folder = folder
         self.experiment = experiment
         self.metric = metric
         self.mode = mode
-        self._epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.flush_seconds = flush_seconds
+        self.trials_refresh_seconds = trials_refresh_seconds
+        self._epochs: dict[str, dict[int, dict[str, Any]]] = {}  # trial_id -> epoch -> row
         self._trials: dict[str, dict[str, Any]] = {}
+        self._unwritten: list[dict[str, Any]] = []
+        self._trials_changed = False
+        self._last_epochs_flush = 0.0
+        self._last_trials_flush = 0.0
 
     # -- Ray Tune hooks -------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
+        """Start from what is on disk, so a resumed search keeps every row and adds none twice."""
         filesystem, folder = resolve_folder(self.folder)
-        filesystem.create_dir(folder, recursive=True)
-        epochs = read_table(filesystem, f"{folder}/{EPOCHS_FILE}")
+        filesystem.create_dir(f"{folder}/{EPOCHS_FILE}", recursive=True)
+        if not filesystem.get_file_info(pafs.FileSelector(f"{folder}/{EPOCHS_FILE}")):
+            # an empty first part, so readers get the typed columns before the first epoch ends
+            write_table_atomic(EPOCHS_SCHEMA.empty_table(), filesystem, f"{folder}/{EPOCHS_FILE}/part-0.parquet")
+        for row in read_epochs_table(filesystem, folder).to_pylist():
+            self._epochs.setdefault(row["trial_id"], {})[row["epoch"]] = row
         trials = read_table(filesystem, f"{folder}/{TRIALS_FILE}")
-        for row in epochs.to_pylist() if epochs is not None else []:
-            self._epochs[(row["trial_id"], row["epoch"])] = row
         for row in trials.to_pylist() if trials is not None else []:
             self._trials[row["trial_id"]] = row
 
@@ -170,16 +203,19 @@ class ParquetResults(tune.Callback):
         row = self._trial_row(trial)
         if row["status"] not in ("completed", "stopped_early"):
             row.update(status="running", error=None, ended_at=None)
-        self._write()
+        self._flush(force=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" not in result:
             return
         epoch = int(result["epoch"])
-        row = {"experiment": self.experiment, "trial_id": trial.trial_id, **trial_settings(trial.config)}
-        row.update({name: result.get(name) for name, _, _ in EPOCH_COLUMNS if name != "timestamp"})
-        row["timestamp"] = _now()
-        self._epochs[(trial.trial_id, epoch)] = row
+        known = self._epochs.setdefault(trial.trial_id, {})
+        if epoch not in known:  # an epoch re-run after a crash keeps its first record
+            row = {"experiment": self.experiment, "trial_id": trial.trial_id, **trial_settings(trial.config)}
+            row.update({name: result.get(name) for name, _, _ in EPOCH_COLUMNS if name != "timestamp"})
+            row["timestamp"] = _now()
+            known[epoch] = row
+            self._unwritten.append(row)
         summary = self._trial_row(trial)
         summary.update(
             status="running",
@@ -189,26 +225,30 @@ class ParquetResults(tune.Callback):
             startup_seconds=result.get("startup_seconds"),
         )
         self._summarise(summary)
-        self._write()
+        self._flush()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._flush()  # rows never wait much longer than flush_seconds
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._trial_row(trial)
         self._summarise(row)
         finished = row["epochs_run"] is not None and row["max_epochs"] is not None and row["epochs_run"] >= row["max_epochs"]
         row.update(status="completed" if finished else "stopped_early", error=None, ended_at=_now())
-        self._write()
+        self._flush(force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._trial_row(trial)
         self._summarise(row)
         row.update(status="error", error=error_reason(trial), ended_at=_now())
-        self._write()
+        self._flush(force=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._write()
+        self._flush(force=True)
 
     # -- rows -------------------------------------------------------------------------------
     def _trial_row(self, trial: Any) -> dict[str, Any]:
+        self._trials_changed = True
         row = self._trials.get(trial.trial_id)
         if row is None:
             row = {name: None for name in TRIALS_SCHEMA.names}
@@ -218,7 +258,7 @@ class ParquetResults(tune.Callback):
         return row
 
     def _summarise(self, row: dict[str, Any]) -> None:
-        epochs = sorted((r for (tid, _), r in self._epochs.items() if tid == row["trial_id"]), key=lambda r: r["epoch"])
+        epochs = [r for _, r in sorted(self._epochs.get(row["trial_id"], {}).items())]
         if not epochs:
             return
         scores = [(r[self.metric], r["epoch"]) for r in epochs if r.get(self.metric) is not None and not math.isnan(r[self.metric])]
@@ -233,25 +273,42 @@ class ParquetResults(tune.Callback):
             gpu_seconds=sum((r.get("epoch_seconds") or 0.0) * (r.get("gpu_share") or 0.0) for r in epochs),
         )
 
-    def _write(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
         filesystem, folder = resolve_folder(self.folder)
-        epochs = sorted(self._epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
-        trials = sorted(self._trials.values(), key=lambda r: r["trial_id"])
         try:
-            write_table_atomic(pa.Table.from_pylist(epochs, schema=EPOCHS_SCHEMA), filesystem, f"{folder}/{EPOCHS_FILE}")
-            write_table_atomic(pa.Table.from_pylist(trials, schema=TRIALS_SCHEMA), filesystem, f"{folder}/{TRIALS_FILE}")
-        except (OSError, pa.ArrowException) as err:  # a full disk must not kill the search; say it once per event
+            if self._unwritten and (force or now - self._last_epochs_flush >= self.flush_seconds):
+                rows = sorted(self._unwritten, key=lambda r: (r["trial_id"], r["epoch"]))
+                write_table_atomic(
+                    pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA), filesystem,
+                    f"{folder}/{EPOCHS_FILE}/part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet",
+                )
+                self._unwritten = []
+                self._last_epochs_flush = now
+            if self._trials_changed and (force or now - self._last_trials_flush >= self.trials_refresh_seconds):
+                trials = sorted(self._trials.values(), key=lambda r: r["trial_id"])
+                write_table_atomic(pa.Table.from_pylist(trials, schema=TRIALS_SCHEMA), filesystem, f"{folder}/{TRIALS_FILE}")
+                self._trials_changed = False
+                self._last_trials_flush = now
+        except (OSError, pa.ArrowException) as err:  # a full disk must not kill the search; rows stay buffered
             log.warning("could not write results to %s: %s", self.folder, err)
 
 
+def read_epochs_table(filesystem: pafs.FileSystem, folder: str) -> pa.Table:
+    """All rows of `<folder>/epochs.parquet` (a folder of part files), with the documented schema."""
+    path = f"{folder}/{EPOCHS_FILE}"
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return EPOCHS_SCHEMA.empty_table()
+    return pq.read_table(path, filesystem=filesystem, schema=EPOCHS_SCHEMA)
+
+
 def read_results(folder: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(epochs, trials) DataFrames of one results folder."""
+    """(epochs, trials) DataFrames of one results folder (local or URI)."""
     filesystem, path = resolve_folder(folder)
-    epochs = read_table(filesystem, f"{path}/{EPOCHS_FILE}")
     trials = read_table(filesystem, f"{path}/{TRIALS_FILE}")
-    if trials is None or epochs is None:
-        raise UserError(f"{folder} holds no search results ({TRIALS_FILE} and {EPOCHS_FILE} missing)")
-    return epochs.to_pandas(), trials.to_pandas()
+    if trials is None:
+        raise UserError(f"{folder} holds no search results ({TRIALS_FILE} missing)")
+    return read_epochs_table(filesystem, path).to_pandas(), trials.to_pandas()
 
 
 def leaderboard(trials: pd.DataFrame, columns: Iterable[str], mode: str = "max", top: int = 10) -> pd.DataFrame:
@@ -304,6 +361,14 @@ class TolerantWandbCallback(WandbLoggerCallback):
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         self._guard("setup", *args, **kwargs)
+
+    def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
+        # Ray hands wandb the trial's staging folder, which it copies to the results folder when the
+        # trial ends, possibly before wandb has flushed its last records. With local storage, write
+        # the run straight into the trial's results folder instead, so nothing is lost.
+        if isinstance(trial.storage.storage_filesystem, pafs.LocalFileSystem):
+            wandb_init_kwargs["dir"] = trial.storage.trial_fs_path
+        super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
         self._guard("log_trial_start", trial)

@@ -1,0 +1,94 @@
+"""`python -m tune_inat.predict MODEL IMAGE_OR_DIR [...] [--top-k 3] [--json]`: classify images with an exported model.
+
+The model file holds everything needed (weights, class names, backbone, input size,
+normalisation) and is loaded with `weights_only=True`. Images go through the same path as in
+training: decoded once to the stored square, centre crop, ImageNet normalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tune_inat.data.batches import center_crop
+from tune_inat.data.decode import decode_image, stored_size_for
+from tune_inat.data.folders import sniff_image_format
+from tune_inat.engine import resolve_device
+from tune_inat.errors import UserError, cli_main
+from tune_inat.models import FineTuneModel, load_model_file
+
+BATCH = 64
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """The given files, and every image (by content) under the given folders, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and sniff_image_format(p))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path} does not exist")
+    if not files:
+        raise UserError(f"no images in {', '.join(map(str, paths))}")
+    return files
+
+
+@torch.inference_mode()
+def classify(model: FineTuneModel, squares: np.ndarray, image_size: int, device: torch.device) -> np.ndarray:
+    """Class probabilities for (N, S, S, 3) uint8 stored squares."""
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(squares), BATCH):
+        batch = center_crop(torch.from_numpy(squares[start : start + BATCH]).to(device), image_size)
+        out.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_inat.predict", description="Classify images with an exported tune-inat model.")
+    parser.add_argument("model", type=Path, metavar="MODEL")
+    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    model, meta = load_model_file(args.model)
+    classes, image_size = meta["classes"], meta["image_size"]
+    stored = stored_size_for(image_size)
+    decoded, readable, failures = [], [], []
+    for path in image_files(args.images):
+        try:
+            decoded.append(decode_image(path, stored))
+            readable.append(path)
+        except Exception as err:  # one line per unreadable image, the others still classified
+            failures.append(f"error: cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    results = []
+    if decoded:
+        probabilities = classify(model, np.stack(decoded), image_size, resolve_device(args.device))
+        for path, probs in zip(readable, probabilities):
+            top = np.argsort(-probs)[: args.top_k]
+            results.append({"file": str(path), "predictions": [{"label": classes[i], "probability": float(probs[i])} for i in top]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            shown = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
+            print(f"{result['file']}: {shown}")
+    for line in failures:
+        print(line, file=sys.stderr)
+    return 2 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
