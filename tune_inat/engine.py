@@ -269,6 +269,21 @@ def evaluate(
     return {"val_loss": loss_sum.item() / seen, "val_acc": hits.item() / seen}
 
 
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], precision: MixedPrecision
+) -> tuple[Any, Any]:
+    """(class probabilities, true labels) as NumPy arrays, in the order of the batches."""
+    model.eval()
+    probabilities, labels = [], []
+    for images, batch_labels in batches:
+        with precision.autocast():
+            logits = model(images)
+        probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(batch_labels.cpu())
+    return torch.cat(probabilities).numpy(), torch.cat(labels).numpy()
+
+
 class FineTuning:
     """One fine-tuning run of `config` on `data`: build once, then `run_epoch()` until `done`."""
 
@@ -293,8 +308,9 @@ class FineTuning:
             augmentation=Augmentation(config.augment, config.crop_scale_min, True, config.color_jitter),
             **common,
         )  # fmt: skip
-        self.val_batches = DeviceBatches(
-            images, data.labels, data.val_rows, train=False, batch_size=max(64, config.batch_size), **common
+        self.val_batches = (
+            DeviceBatches(images, data.labels, data.val_rows, train=False, batch_size=max(64, config.batch_size), **common)
+            if len(data.val_rows) else None  # the final re-training on train + validation validates nothing
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.precision = MixedPrecision(device)
@@ -304,6 +320,7 @@ class FineTuning:
             self.optimizer, round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch
         )
         self.epoch = 0  # epochs completed
+        self.last_metrics: dict[str, float] = {}
 
     @property
     def done(self) -> bool:
@@ -319,10 +336,13 @@ class FineTuning:
             self.criterion, self.precision, self.config.grad_accum_steps,
         )  # fmt: skip
         train_seconds = time.perf_counter() - start
-        val = evaluate(self.model, self.val_batches.epoch(self.epoch), self.precision)
+        if self.val_batches is not None:
+            val = evaluate(self.model, self.val_batches.epoch(self.epoch), self.precision)
+        else:
+            val = {"val_loss": math.nan, "val_acc": math.nan}
         self.epoch += 1
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else math.nan
-        return {
+        self.last_metrics = {
             "epoch": self.epoch,
             "train_loss": train["train_loss"],
             "train_acc": train["train_acc"],
@@ -333,6 +353,7 @@ class FineTuning:
             "images_per_second": train["train_images"] / train_seconds,
             "peak_gpu_memory_mb": peak,
         }
+        return self.last_metrics
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model tensors that training can change: everything outside the frozen modules."""

@@ -169,7 +169,7 @@ def plot_prediction_grid(squares: np.ndarray, labels: np.ndarray, predictions: n
             ax.set_title(f"{'✓' if ok else '✗'} true: {classes[labels[i]]}\npredicted: {classes[predictions[i]]}",
                          fontsize=9, color="green" if ok else "red")
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.6 * len(picks))))  # leave room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -8,6 +8,7 @@ against the Ray cluster -> Tuner (ASHA, Optuna TPE, Parquet + wandb callbacks) o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -103,6 +104,22 @@ def experiment_name(spec: SearchSpec, results_root: str, name: str | None, resum
     return candidates[-1].parent.name
 
 
+def write_search_info(folder: str, spec: SearchSpec, data_config: DataConfig) -> None:
+    """search.json: what `tune_inat.final` needs to rebuild the same splits (data, seeds, metric)."""
+    from tune_inat.results import resolve_folder
+
+    info = {
+        "space": spec.source, "metric": spec.metric, "mode": spec.mode, "searched": searched_settings(spec),
+        "data_root": str(data_config.root), "cache_dir": str(data_config.cache_dir),
+        "val_fraction": data_config.val_fraction, "test_fraction": data_config.test_fraction,
+        "split_seed": data_config.split_seed, "seed": spec.options.seed,
+    }
+    filesystem, path = resolve_folder(folder)
+    filesystem.create_dir(path, recursive=True)
+    with filesystem.open_output_stream(f"{path}/search.json") as out:
+        out.write(json.dumps(info, indent=2).encode())
+
+
 def trial_name(trial: Any) -> str:
     """Short trial names and folders, "trial_<number>_<id>" ("trial_003_1a2b3c4d"), instead of Tune's config-laden ones."""
     number = trial.experiment_tag.split("_", 1)[0]
@@ -151,6 +168,7 @@ def run_search(
             raise UserError(f"nothing to resume at {experiment_path}")
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
+    write_search_info(f"{results_root.rstrip('/')}/{name}", spec, data_config)
     param_space = to_tune_space(spec)
     param_space.setdefault("seed", spec.options.seed)
     tuner = tune.Tuner(

@@ -83,6 +83,12 @@ def prepare_train_val(cfg: DataConfig, image_size: int) -> TrainValData:
     return TrainValData(cache=cache, train_rows=cache.rows[train_idx], val_rows=cache.rows[val_idx])
 
 
+def merge_validation(data: TrainValData) -> TrainValData:
+    """Training on train + validation (the final re-training): every row trains, none validates."""
+    rows = np.sort(np.concatenate([data.train_rows, data.val_rows]))
+    return TrainValData(cache=data.cache, train_rows=rows, val_rows=np.empty(0, dtype=np.int64))
+
+
 def prepare_test(cfg: DataConfig, image_size: int) -> TestData:
     """Scan, validate and cache the test set (`val/` of iNaturalist 12K)."""
     _, test = discover(cfg.root, cfg.test_fraction, cfg.split_seed)
