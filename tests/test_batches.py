@@ -10,10 +10,16 @@ from tune_inat.data.batches import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augmentation,
+    Crops,
     DeviceBatches,
+    _ordered_in_threads,
     _prefetched,
+    augment,
     center_crop,
-    random_resized_crop,
+    crop_resize_each,
+    crop_resize_grid,
+    normalize_,
+    sample_crops,
 )
 
 CPU = torch.device("cpu")
@@ -32,14 +38,50 @@ def test_center_crop_is_the_exact_normalised_centre() -> None:
     assert torch.allclose(out, torch.from_numpy(expected).float(), atol=1e-5)
 
 
-def test_full_crop_without_flip_is_a_plain_resize() -> None:
-    images = torch.from_numpy(_images(4, 16))
-    aug = Augmentation(crop_scale_min=1.0, hflip=False)
-    out = random_resized_crop(images, 16, aug, torch.Generator().manual_seed(0))
-    # area 1 with aspect != 1 still crops a little; at aspect 1 it is the identity
-    same = center_crop(images, 16)
-    assert out.shape == same.shape
-    assert (out - same).abs().mean() < 0.6  # close to the untouched image, not noise
+def test_crops_follow_random_resized_crop_rules() -> None:
+    crops = sample_crops(2000, 256, Augmentation(crop_scale_min=0.25), torch.Generator().manual_seed(0))
+    area = crops.height * crops.width / 256**2
+    aspect = crops.width / crops.height
+    assert area.min() >= 0.24 and area.max() <= 1.0
+    assert aspect.min() >= 0.7 and aspect.max() <= 1.45
+    assert (crops.top >= 0).all() and (crops.top + crops.height <= 256).all()
+    assert (crops.left >= 0).all() and (crops.left + crops.width <= 256).all()
+    assert 0.4 < crops.flip.mean() < 0.6
+
+
+def test_cpu_and_gpu_resampling_agree() -> None:
+    """The CPU path (uint8 per crop) and the GPU path (one grid_sample) make the same crops."""
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    images = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 5, 1, 2).permute(0, 2, 3, 1).to(torch.uint8)
+    crops = sample_crops(6, 64, Augmentation(crop_scale_min=0.5), torch.Generator().manual_seed(3))
+    each, grid = crop_resize_each(images, crops, 48, normalize=False), crop_resize_grid(images, crops, 48)
+    assert each.shape == grid.shape == (6, 3, 48, 48)
+    assert (each - grid).abs().mean() < 6.0  # bilinear both; borders and antialiasing differ a little
+
+
+def test_whole_square_and_flip() -> None:
+    images = torch.from_numpy(_images(2, 32))
+    whole = Crops(np.zeros(2, int), np.zeros(2, int), np.full(2, 32), np.full(2, 32), np.array([False, True]), None)
+    out = crop_resize_each(images, whole, 32, normalize=False)
+    plain = images.permute(0, 3, 1, 2).float()
+    assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1].flip(-1))
+    grid = crop_resize_grid(images, whole, 32)
+    assert torch.allclose(grid[0], plain[0], atol=1e-3) and torch.allclose(grid[1], plain[1].flip(-1), atol=1e-3)
+
+
+def test_per_image_normalisation_equals_the_batch_one() -> None:
+    images = torch.from_numpy(_images(4, 32))
+    crops = sample_crops(4, 32, Augmentation(), torch.Generator().manual_seed(2))
+    fused = crop_resize_each(images, crops, 24, normalize=True)
+    assert torch.allclose(fused, normalize_(crop_resize_each(images, crops, 24, normalize=False)), atol=1e-5)
+
+
+def test_batches_made_in_threads_equal_those_made_inline() -> None:
+    common = dict(batch_size=3, image_size=16, device=CPU, train=True, seed=5)
+    inline = DeviceBatches(_images(), np.arange(10), np.arange(10), **common)
+    threaded = DeviceBatches(_images(), np.arange(10), np.arange(10), cpu_workers=2, **common)
+    for (a, la), (b, lb) in zip(inline.epoch(1), threaded.epoch(1), strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 def test_augmentation_is_seeded_by_epoch() -> None:
@@ -80,12 +122,24 @@ def test_a_tiny_train_set_still_gives_one_batch() -> None:
 
 def test_colour_jitter_changes_images_but_keeps_range() -> None:
     images = torch.from_numpy(_images())
-    plain = random_resized_crop(images, 16, Augmentation(color_jitter=0.0), torch.Generator().manual_seed(1))
-    jittered = random_resized_crop(images, 16, Augmentation(color_jitter=0.4), torch.Generator().manual_seed(1))
+    plain = augment(images, sample_crops(10, 20, Augmentation(color_jitter=0.0), torch.Generator().manual_seed(1)), 16)
+    jittered = augment(images, sample_crops(10, 20, Augmentation(color_jitter=0.4), torch.Generator().manual_seed(1)), 16)
     assert not torch.allclose(plain, jittered)
     low = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
     high = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
     assert jittered.min() >= low - 1e-4 and jittered.max() <= high + 1e-4
+
+
+def test_threaded_batches_come_in_order_and_surface_errors() -> None:
+    assert list(_ordered_in_threads(lambda x: x * x, list(range(20)), 3)) == [x * x for x in range(20)]
+
+    def fails(x: int) -> int:
+        if x == 5:
+            raise ValueError("bad batch")
+        return x
+
+    with pytest.raises(ValueError, match="bad batch"):
+        list(_ordered_in_threads(fails, list(range(10)), 2))
 
 
 def test_prefetch_surfaces_producer_errors() -> None:

@@ -26,6 +26,8 @@ from torch import nn
 from tune_inat.data.batches import Augmentation, DeviceBatches
 from tune_inat.data.dataset import TrainValData
 from tune_inat.errors import UserError
+from tune_inat.features import FeatureBatches, feature_key, prefix_outputs
+from tune_inat.host_memory import reuse_freed_memory
 from tune_inat.models import FineTuneModel, build_model, check_image_size, native_image_size, parameter_groups
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -52,6 +54,8 @@ class TrainConfig:
     crop_scale_min: float = 0.25
     color_jitter: float = 0.0
     grad_accum_steps: int = 1  # batch_size is the effective batch; micro-batches are batch_size / this
+    frozen_features: bool = True  # without augmentation, compute the frozen prefix once and train the rest on it
+    compile: bool = False  # torch.compile the trained part (off by default: see the Performance section)
     seed: int = 0
 
     @classmethod
@@ -291,6 +295,8 @@ class FineTuning:
         self.config = config = config.validated()
         self.device = device
         torch.manual_seed(config.seed)
+        if device.type == "cpu":
+            reuse_freed_memory()  # every batch and activation would otherwise be page-faulted in anew
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -300,20 +306,31 @@ class FineTuning:
         )
         channels_last = device.type == "cuda" and not config.backbone.startswith("vit_")
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        images = data.cache.open_images()
-        common = dict(image_size=config.image_size, device=device, seed=config.seed, channels_last=channels_last)
-        self.train_batches = DeviceBatches(
-            images, data.labels, data.train_rows, train=True,
-            batch_size=config.batch_size // config.grad_accum_steps,
-            augmentation=Augmentation(config.augment, config.crop_scale_min, True, config.color_jitter),
-            **common,
-        )  # fmt: skip
-        self.val_batches = (
-            DeviceBatches(images, data.labels, data.val_rows, train=False, batch_size=max(64, config.batch_size), **common)
-            if len(data.val_rows) else None  # the final re-training on train + validation validates nothing
-        )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.precision = MixedPrecision(device)
+        micro_batch, eval_batch = config.batch_size // config.grad_accum_steps, max(64, config.batch_size)
+        features = self._frozen_prefix_outputs(data) if config.frozen_features and not config.augment else None
+        self.uses_cached_features = features is not None
+        if features is not None:  # train only the rest of the network, on the prefix's cached outputs
+            self.forward_model: nn.Module = self.model.split_frozen_prefix()[1]
+            self.train_batches = FeatureBatches(features, data.labels, data.train_rows, batch_size=micro_batch,
+                                                device=device, train=True, seed=config.seed)
+            self.val_batches = (FeatureBatches(features, data.labels, data.val_rows, batch_size=eval_batch, device=device,
+                                               train=False) if len(data.val_rows) else None)
+        else:
+            self.forward_model = self.model
+            images = data.cache.open_images()
+            common = dict(image_size=config.image_size, device=device, seed=config.seed, channels_last=channels_last)
+            self.train_batches = DeviceBatches(
+                images, data.labels, data.train_rows, train=True, batch_size=micro_batch,
+                augmentation=Augmentation(config.augment, config.crop_scale_min, True, config.color_jitter), **common,
+            )  # fmt: skip
+            self.val_batches = (
+                DeviceBatches(images, data.labels, data.val_rows, train=False, batch_size=eval_batch, **common)
+                if len(data.val_rows) else None  # the final re-training on train + validation validates nothing
+            )
+        if config.compile:  # in place, so parameter names (and checkpoints) stay the same
+            (self.forward_model.rest if self.uses_cached_features else self.model.net).compile()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.optimizer = build_optimizer(self.model, config)
         steps_per_epoch = math.ceil(len(self.train_batches) / config.grad_accum_steps)
         self.scheduler = warmup_cosine(
@@ -321,6 +338,15 @@ class FineTuning:
         )
         self.epoch = 0  # epochs completed
         self.last_metrics: dict[str, float] = {}
+
+    def _frozen_prefix_outputs(self, data: TrainValData) -> Any:
+        split = self.model.split_frozen_prefix()
+        if split is None:
+            return None
+        config = self.config
+        dtype = str(self.precision.dtype or torch.float32).removeprefix("torch.")
+        key = feature_key(data, config.backbone, config.weights, self.model.prefix_length, config.image_size, config.seed, dtype)
+        return prefix_outputs(split[0], data, config.image_size, self.device, key, self.precision.dtype)
 
     @property
     def done(self) -> bool:
@@ -332,12 +358,12 @@ class FineTuning:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         train = train_one_epoch(
-            self.model, self.train_batches.epoch(self.epoch), self.optimizer, self.scheduler,
+            self.forward_model, self.train_batches.epoch(self.epoch), self.optimizer, self.scheduler,
             self.criterion, self.precision, self.config.grad_accum_steps,
         )  # fmt: skip
         train_seconds = time.perf_counter() - start
         if self.val_batches is not None:
-            val = evaluate(self.model, self.val_batches.epoch(self.epoch), self.precision)
+            val = evaluate(self.forward_model, self.val_batches.epoch(self.epoch), self.precision)
         else:
             val = {"val_loss": math.nan, "val_acc": math.nan}
         self.epoch += 1

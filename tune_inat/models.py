@@ -31,6 +31,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 from tune_inat.data.batches import IMAGENET_MEAN, IMAGENET_STD
 from tune_inat.data.decode import EVAL_CROP_FRACTION
 from tune_inat.errors import UserError, cli_main
+from tune_inat.stages import forward_stages, frozen_prefix_length
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,30 @@ class FineTuneModel(nn.Module):
         self._frozen_norms = [
             m for name in frozen_modules if isinstance(m := net.get_submodule(name), nn.modules.batchnorm._BatchNorm)
         ]
+        self.stages = forward_stages(net, backbone)  # a plain list: the same modules, not registered twice
+        self.prefix_length = frozen_prefix_length(self.stages)
 
     def train(self, mode: bool = True) -> FineTuneModel:
         super().train(mode)
+        self.keep_frozen_in_eval()
+        return self
+
+    def keep_frozen_in_eval(self) -> None:
+        """The frozen prefix runs as in evaluation (no dropout, fixed BatchNorm), whatever the mode."""
         for norm in self._frozen_norms:
             norm.eval()
-        return self
+        for stage in self.stages[: self.prefix_length]:
+            stage.eval()
+
+    @property
+    def has_active_aux_heads(self) -> bool:
+        return any(getattr(self.net, branch.module, None) is not None for branch in BACKBONES[self.backbone].aux)
+
+    def split_frozen_prefix(self) -> tuple[nn.Module, nn.Module] | None:
+        """(frozen prefix, trainable rest) with rest(prefix(x)) == self(x); None when nothing is frozen."""
+        if self.prefix_length == 0 or self.has_active_aux_heads:
+            return None
+        return nn.Sequential(*self.stages[: self.prefix_length]).eval(), TrainableSuffix(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return _main_logits(self.net(images))
@@ -152,6 +171,30 @@ class FineTuneModel(nn.Module):
         spec = BACKBONES[self.backbone]
         prefixes = tuple(f"net.{head}." for head in [spec.head, *(branch.head for branch in spec.aux)])
         return {name for name, _ in self.named_parameters() if name.startswith(prefixes)}
+
+
+class TrainableSuffix(nn.Module):
+    """The stages after the frozen prefix: trained on the prefix's cached outputs instead of images."""
+
+    def __init__(self, model: FineTuneModel) -> None:
+        super().__init__()
+        self.rest = nn.Sequential(*model.stages[model.prefix_length :])
+        object.__setattr__(self, "_model", model)  # not a submodule: its modes are kept, not its parameters twice
+
+    def train(self, mode: bool = True) -> TrainableSuffix:
+        super().train(mode)
+        self._model.keep_frozen_in_eval()
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.rest(features)
+
+    def training_loss(
+        self, features: torch.Tensor, labels: torch.Tensor, criterion: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.rest(features)
+        loss = criterion(logits, labels)
+        return loss, loss, logits
 
 
 def _main_logits(outputs: Any) -> torch.Tensor:

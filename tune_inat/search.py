@@ -364,6 +364,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials)")
     options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
     options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, replacing the space's entry (repeatable), e.g. --set weights=none")
+    options.add_argument("--compile", action="store_true", help="torch.compile each trial's network (same as --set compile=true)")
     tracking = parser.add_argument_group("wandb")
     tracking.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     tracking.add_argument("--wandb-project", default="tune-inat", help="wandb project (default tune-inat)")
@@ -391,7 +392,10 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace) -> SearchSpec:
-    spec = with_fixed(load_space(args.space or ("demo" if args.demo else "default")), parse_assignments(args.set))
+    fixed = parse_assignments(args.set)
+    if args.compile:
+        fixed["compile"] = True
+    spec = with_fixed(load_space(args.space or ("demo" if args.demo else "default")), fixed)
     return with_overrides(
         spec,
         num_samples=args.num_samples,
