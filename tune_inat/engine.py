@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -339,7 +340,8 @@ class FineTuning:
         self.epoch = 0  # epochs completed
         self.last_metrics: dict[str, float] = {}
 
-    def _frozen_prefix_outputs(self, data: TrainValData) -> Any:
+    def _frozen_prefix_outputs(self, data: TrainValData) -> np.ndarray | None:
+        """The frozen prefix's outputs for every cached image (computed once, shared), or None where not cacheable."""
         split = self.model.split_frozen_prefix()
         if split is None:
             return None

@@ -66,7 +66,7 @@ def prefix_outputs(
         partial = folder / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy"
         store = None
         try:
-            for index, (batch, _) in enumerate(batches.epoch(0)):
+            for batch_rows, (batch, _) in zip(batches.batches(0), batches.epoch(0), strict=True):  # same order
                 with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
                     output = prefix(batch)
                 if store is None:
@@ -75,7 +75,6 @@ def prefix_outputs(
                         log.info("frozen-prefix outputs would take %.1f GiB: computing them every epoch instead", size / 2**30)
                         return None
                     store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(images), *output.shape[1:]))
-                batch_rows = rows[index * batches.batch_size : (index + 1) * batches.batch_size]
                 store[batch_rows] = output.float().cpu().numpy().astype(dtype)
             store.flush()
             del store

@@ -29,6 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The cache is memory-mapped read-only and crops are only read; torch warns about any read-only
+# array. Silenced for this module only, with a filter (catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
@@ -111,15 +116,13 @@ def crop_resize_each(squares: Sequence[np.ndarray] | torch.Tensor, crops: Crops,
     out = torch.empty((len(crops.top), 3, image_size, image_size))
     out_array = out.numpy()
     scale, shift = _normalisation() if normalize else (np.float32(1), np.float32(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: the crop is only read
-        for i in range(len(out)):
-            t, l, h, w = int(crops.top[i]), int(crops.left[i]), int(crops.height[i]), int(crops.width[i])
-            region = torch.as_tensor(squares[i][t : t + h, l : l + w]).permute(2, 0, 1)[None]  # channels-last view
-            resized = F.interpolate(region, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-            pixels = (resized[0].flip(-1) if crops.flip[i] else resized[0]).numpy()  # flipped in uint8: 4x less to move
-            np.multiply(pixels, scale, out=out_array[i], dtype=np.float32)
-            np.subtract(out_array[i], shift, out=out_array[i])
+    for i in range(len(out)):
+        t, l, h, w = int(crops.top[i]), int(crops.left[i]), int(crops.height[i]), int(crops.width[i])
+        region = torch.as_tensor(squares[i][t : t + h, l : l + w]).permute(2, 0, 1)[None]  # read in place, channels-last
+        resized = F.interpolate(region, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        pixels = (resized[0].flip(-1) if crops.flip[i] else resized[0]).numpy()  # flipped in uint8: 4x less to move
+        np.multiply(pixels, scale, out=out_array[i], dtype=np.float32)
+        np.subtract(out_array[i], shift, out=out_array[i])
     return out
 
 
