@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 SEARCH = ["--demo", "--num-samples", "3", "--max-epochs", "4", "--scheduler", "fifo", "--cpus-per-trial", "1",
           "--set", "backbone=resnet18", "--set", "image_size=32", "--quiet", "--no-wandb", "--name", "interrupted"]
@@ -39,8 +39,8 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: fl
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tmp_path: Path, shared_cache: Path) -> None:
     env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1"}
-    args = [*SEARCH, "--results", str(tmp_path / "results")]
-    process = subprocess.Popen([sys.executable, "-m", "tune_inat.search", *args], cwd=REPO, env=env,
+    args = [*SEARCH, "--results", "results"]  # relative, as the README's demo command leaves it
+    process = subprocess.Popen([sys.executable, "-m", "tune_inat.search", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "results" / "interrupted"
     before = _wait_for_rows(folder / "epochs.parquet", 3, process)
@@ -54,7 +54,8 @@ def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tm
     time.sleep(2)  # let the killed driver's Ray processes go
     before = pd.read_parquet(folder / "epochs.parquet")  # everything written before the interruption
 
-    resumed = run_cli("tune_inat.search", *args, "--resume", env={"TUNE_INAT_CACHE": str(shared_cache)}, timeout=600)
+    resumed = run_cli("tune_inat.search", *args, "--resume", env={"TUNE_INAT_CACHE": str(shared_cache)}, timeout=600,
+                      cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = pd.read_parquet(folder / "epochs.parquet")
     trials = pd.read_parquet(folder / "trials.parquet")

@@ -83,12 +83,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def absolute_location(location: str) -> str:
+    """A URI as given, a local path made absolute: Ray's storage reads a bare relative path as a URI."""
+    return location if "://" in location else os.path.abspath(location)
+
+
 def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as s3://bucket/dir; clear error if unsupported."""
     try:
         if "://" in uri:
             return pafs.FileSystem.from_uri(uri)
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), absolute_location(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
         reason = str(err).splitlines()[0]
         raise UserError(f"cannot use {uri}: {reason} (is the filesystem for this URI installed and reachable?)") from err

@@ -147,14 +147,14 @@ def run_search(
     import ray
     from ray import tune
 
-    from tune_inat.results import ParquetResults, wandb_callback
+    from tune_inat.results import ParquetResults, absolute_location, wandb_callback
     from tune_inat.searchers import make_scheduler, make_searcher, num_samples
     from tune_inat.space import to_tune_space
     from tune_inat.trainable import TrialContext, fine_tune_trial
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     resources = plan_resources(spec, nodes)
-    storage = storage_root or results_root
+    storage = absolute_location(storage_root or results_root)
     if len(nodes) > 1 and "://" not in storage:
         log.warning("warning: %d nodes share this search: %s must be a folder every node mounts (NFS), "
                     "or pass --storage-path s3://... / gs://...", len(nodes), storage)
@@ -187,7 +187,7 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage if "://" in storage else os.path.abspath(storage),
+            storage_path=storage,
             callbacks=[
                 ParquetResults(f"{results_root.rstrip('/')}/{name}", name, spec.metric, spec.mode),
                 *([wandb_callback(wandb_project, name)] if wandb_project else []),
@@ -444,9 +444,9 @@ def main(argv: Sequence[str]) -> int:
     setup_logging(args.debug)
     quiet_ray_environment()
     spec = build_spec(args)
-    storage = (args.storage_path or args.results).rstrip("/")
+    from tune_inat.results import absolute_location, check_writable
 
-    from tune_inat.results import check_writable
+    storage = absolute_location(args.storage_path or args.results).rstrip("/")
 
     check_writable(args.results, "results folder")
     if args.storage_path:
