@@ -89,6 +89,7 @@ def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathF
     spec = load_space("demo")
     data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)
     results = tmp_path_factory.mktemp("results")
-    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0,
-                      wandb_project="tune-inat-tests")
-    return SimpleNamespace(spec=spec, grid=grid, folder=results / "demo-test", data_config=data_config)
+    outcome = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0,
+                         wandb_project="tune-inat-tests")
+    return SimpleNamespace(spec=spec, grid=outcome.grid, outcome=outcome, folder=results / "demo-test",
+                           data_config=data_config)

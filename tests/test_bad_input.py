@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from conftest import make_folder, write_image
-from tune_inat.errors import cli_main
 from tune_inat.search import main as search_main
 
 
@@ -96,7 +95,7 @@ def test_bad_input_is_one_line_and_exit_2(case: str, message: str, tmp_path: Pat
     elif kind == "weights":
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
         space = ["--space", "seed_sweep"]  # resnet50 with ImageNet weights, as the seeds ran it
-    code = cli_main(search_main, [*data, *space, *args])
+    code = search_main([*data, *space, *args])
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, err
@@ -106,13 +105,13 @@ def test_bad_input_is_one_line_and_exit_2(case: str, message: str, tmp_path: Pat
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
-    code = cli_main(search_main, ["--data", str(tmp_path / "nope"), "--space", "demo", "--debug", "--no-wandb"])
+    code = search_main(["--data", str(tmp_path / "nope"), "--space", "demo", "--debug", "--no-wandb"])
     assert code == 2 and "Traceback" in capsys.readouterr().err
 
 
 def test_results_already_written_survive_a_bad_resume(demo_search, capsys) -> None:
     before = {p: p.stat().st_mtime_ns for p in demo_search.folder.glob("*.parquet")}
-    code = cli_main(search_main, ["--data", "/nonexistent", "--space", "demo", "--results", str(demo_search.folder.parent),
+    code = search_main(["--data", "/nonexistent", "--space", "demo", "--results", str(demo_search.folder.parent),
                                   "--name", demo_search.folder.name, "--resume", "--no-wandb"])
-    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert code == 2 and f"--resume continues search {demo_search.folder.name} on" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in demo_search.folder.glob("*.parquet")} == before

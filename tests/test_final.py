@@ -84,10 +84,7 @@ def test_predict_agrees_with_the_final_evaluation(final_run, demo_root: Path) ->
 def test_bad_inputs_are_one_line(final_run, tmp_path: Path) -> None:
     folder, _, _, _ = final_run
     unfinished = tmp_path / "unfinished"
-    shutil.copytree(folder, unfinished, ignore=shutil.ignore_patterns("final"))
-    trials = pd.read_parquet(unfinished / "trials.parquet")
-    trials["status"] = "running"
-    trials.to_parquet(unfinished / "trials.parquet")
+    shutil.copytree(folder, unfinished, ignore=shutil.ignore_patterns("final", "trials.parquet"))  # no trial has ended
     result = run_cli("tune_inat.final", str(unfinished))
     assert result.returncode == 2 and "no finished trials" in result.stderr and "Traceback" not in result.stderr
 

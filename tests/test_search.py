@@ -59,7 +59,7 @@ def test_seed_sweep_runs_as_a_twelve_trial_grid(ray_cluster, demo_root: Path, tm
     spec = with_fixed(load_space("seed_sweep"), {"weights": "none", "image_size": 32, "backbone": "resnet18"})
     spec = with_overrides(spec, max_epochs=1, gpus_per_trial=0, cpus_per_trial=1)
     data_config = DataConfig(demo_root, tmp_path / "cache", progress=False)
-    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(tmp_path), "sweep", verbose=0)
+    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(tmp_path), "sweep", verbose=0).grid
     assert len(grid) == 12 and not grid.errors
     configs = {(r.config["freeze_fraction"], r.config["epochs"], r.config["batch_size"]) for r in grid}
     assert configs == {(f, e, b) for f in (0.7, 0.8, 0.9) for e in (5, 7) for b in (32, 64)}
@@ -71,7 +71,7 @@ def test_fractional_gpus_are_reserved_as_asked(ray_cluster, demo_root: Path, tmp
     spec = with_fixed(load_space("demo"), {"backbone": "resnet18", "image_size": 32})
     spec = with_overrides(spec, num_samples=2, max_epochs=1, gpus_per_trial=0.25, cpus_per_trial=1)
     data_config = DataConfig(demo_root, tmp_path / "cache", progress=False)
-    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(tmp_path), "fractional", verbose=0)
+    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(tmp_path), "fractional", verbose=0).grid
     assert len(grid) == 2 and not grid.errors
     for trial in grid._experiment_analysis.trials:
         assert trial.placement_group_factory.required_resources == {"CPU": 1.0, "GPU": 0.25}
@@ -95,17 +95,18 @@ def test_resource_plan_against_the_cluster(caplog) -> None:
 def test_clean_checkpoints_keeps_only_the_best(demo_search, tmp_path: Path, capsys) -> None:
     import shutil
 
-    from tune_inat.errors import cli_main
-    from tune_inat.search import main as search_main
+    from tune_inat.clean import main as clean_main
+    from tune_inat.results import rank_trials
 
     copy = tmp_path / "demo-test"
     shutil.copytree(demo_search.folder, copy)
     before = list(copy.glob("trial_*/checkpoint_*"))
-    code = cli_main(search_main, ["--space", "demo", "--results", str(tmp_path), "--name", "demo-test", "--clean-checkpoints"])
+    original = list(demo_search.folder.glob("trial_*/checkpoint_*"))
+    code = clean_main([str(copy)])
     assert code == 0, capsys.readouterr().err
     left = list(copy.glob("trial_*/checkpoint_*"))
     assert len(before) > 1 and len(left) == 1
-    trials = pd.read_parquet(copy / "trials.parquet")
-    best = trials.sort_values("best_val_acc", ascending=False).iloc[0]
+    assert list(demo_search.folder.glob("trial_*/checkpoint_*")) == original  # the copy's own checkpoints only
+    best = rank_trials(pd.read_parquet(copy / "trials.parquet"), "max").iloc[0]
     assert left[0].parent.name.endswith(best["trial_id"])
     assert "freed" in capsys.readouterr().out

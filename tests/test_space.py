@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tune_inat.errors import cli_main
 from tune_inat.search import main as search_main
 from tune_inat.space import SPACES_DIR, load_space, parse_duration, parse_space, to_tune_space, with_fixed, with_overrides
 
@@ -68,7 +67,7 @@ def test_hyperband_maps_to_asha_and_tune_inat_block_to_options() -> None:
         "inline",
     )
     o = spec.options
-    assert (o.scheduler, o.grace_period, o.reduction_factor) == ("asha", 2, 4)
+    assert (o.scheduler, o.scheduler_options) == ("asha", {"grace_period": 2, "reduction_factor": 4.0})
     assert (o.gpus_per_trial, o.cpus_per_trial, o.time_budget_s, o.seed) == (0.5, 3, 5400, 7)
     assert spec.max_epochs == 9 and spec.searcher == "optuna"
 
@@ -116,7 +115,7 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
 def test_bad_space_file_is_one_line_with_exit_2(tmp_path: Path, capsys, text: str, message: str) -> None:
     path = tmp_path / "space.yaml"
     path.write_text(text)
-    code = cli_main(search_main, ["--space", str(path), "--demo", "--cache-dir", str(tmp_path / "cache")])
+    code = search_main(["--space", str(path), "--demo", "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -125,16 +124,16 @@ def test_bad_space_file_is_one_line_with_exit_2(tmp_path: Path, capsys, text: st
 
 
 def test_missing_space_file(tmp_path: Path, capsys) -> None:
-    assert cli_main(search_main, ["--space", str(tmp_path / "nope.yaml"), "--demo"]) == 2
+    assert search_main(["--space", str(tmp_path / "nope.yaml"), "--demo"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_bad_command_line_values(tmp_path: Path, capsys) -> None:
-    assert cli_main(search_main, ["--demo", "--num-samples", "0"]) == 2
+    assert search_main(["--demo", "--num-samples", "0"]) == 2
     assert "num_samples: must be an integer >= 1" in capsys.readouterr().err
-    assert cli_main(search_main, ["--demo", "--set", "lr=-1"]) == 2
+    assert search_main(["--demo", "--set", "lr=-1"]) == 2
     assert "lr must be a positive number" in capsys.readouterr().err
-    assert cli_main(search_main, ["--demo", "--time-budget", "tomorrow"]) == 2
+    assert search_main(["--demo", "--time-budget", "tomorrow"]) == 2
     assert "not a duration" in capsys.readouterr().err
 
 

@@ -1,16 +1,17 @@
 """`python -m tune_inat.analyze RESULTS_DIR [RESULTS_DIR ...]`: tables, importance, plots, report.md.
 
-Reads only the Parquet files a search writes, so it works on a finished search, a running one, or
-one copied from a cluster. For each folder it prints the leaderboard, the best config per
-backbone, the compute ASHA saved and which hyperparameters mattered (Optuna's PED-ANOVA on the
-completed trials), writes PNG plots and a `report.md` beside the results; for several folders it
-also compares them side by side.
+Reads only what a search writes (`results.read_results`: the Parquet tables and search.json), so it
+works on a finished search, a running one, or one copied from a cluster, and it imports no Ray.
+Every "best" is `results.rank_trials` by the search's own metric and mode. For each folder it
+prints the leaderboard, the best config per backbone, the compute early stopping saved and which
+hyperparameters mattered (Optuna's PED-ANOVA on the completed trials), writes PNG plots and a
+`report.md` beside the results; for several folders it also compares them side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tune_inat.engine import FIELD_TYPES  # noqa: E402
-from tune_inat.errors import UserError, cli_main  # noqa: E402
-from tune_inat.results import EPOCHS_FILE, TRIALS_FILE  # noqa: E402
+from tune_inat.cli import command_parser, run_command  # noqa: E402
+from tune_inat.errors import UserError  # noqa: E402
+from tune_inat.results import SearchResults, format_value, name_scores, rank_trials, read_results  # noqa: E402
+from tune_inat.settings import FIELD_TYPES, plain  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 LOG_SCALE = {"lr", "weight_decay", "backbone_lr_scale"}
 MIN_TRIALS_FOR_IMPORTANCE = 10
@@ -40,46 +44,73 @@ PLOTS = {
 
 @dataclass
 class Search:
-    """One search's results as DataFrames."""
+    """One search's results, and the local folder its plots and report go to."""
 
-    name: str
+    results: SearchResults
     folder: Path
-    epochs: pd.DataFrame
-    trials: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return self.results.name
+
+    @property
+    def epochs(self) -> pd.DataFrame:
+        return self.results.epochs
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        return self.results.trials
+
+    @property
+    def metric(self) -> str:
+        return self.results.metric
+
+    @property
+    def mode(self) -> str:
+        return self.results.mode
+
+    def ranked(self) -> pd.DataFrame:
+        return rank_trials(self.trials, self.mode)
 
     @property
     def searched(self) -> list[str]:
         """Settings that vary between trials: what this search explored."""
         return [c for c in FIELD_TYPES if c in self.trials and self.trials[c].nunique(dropna=True) > 1]
 
+    @property
+    def score_label(self) -> str:
+        return f"best {self.metric}"
 
-def load_search(folder: Path) -> Search:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"results folder {folder} does not exist")
-    if not (folder / TRIALS_FILE).is_file() or not (folder / EPOCHS_FILE).exists():
-        raise UserError(f"{folder} holds no search results ({TRIALS_FILE} and {EPOCHS_FILE} missing)")
-    epochs = pd.read_parquet(folder / EPOCHS_FILE)
-    trials = pd.read_parquet(folder / TRIALS_FILE)
-    if trials.empty:
+
+def load_search(folder: Path | str, output: Path | None = None) -> Search:
+    """A search's results (a local folder or a URI); plots go beside them, or to `output` for a URI."""
+    results = read_results(str(folder))
+    if results.trials.empty:
         raise UserError(f"{folder} holds no trials yet")
-    return Search(folder.name, folder, epochs, trials)
+    local = Path(str(folder)) if "://" not in str(folder) else (output or Path("analysis")) / results.name
+    local.mkdir(parents=True, exist_ok=True)
+    return Search(results, local)
+
+
+def scores_in_percent(search: Search) -> pd.Series:
+    """The search metric of each trial as plotted: accuracies in %, losses as they are."""
+    return 100 * search.trials["best_score"] if search.metric.endswith("_acc") else search.trials["best_score"]
 
 
 # -- tables ---------------------------------------------------------------------------------
 
 
 def leaderboard(search: Search, top: int = 10) -> pd.DataFrame:
-    ranked = search.trials.sort_values("best_val_acc", ascending=False, na_position="last")
-    columns = ["trial_id", *search.searched, "best_val_acc", "best_epoch", "epochs_run", "max_epochs", "status"]
-    return ranked[columns].head(top).reset_index(drop=True)
+    columns = ["trial_id", *search.searched, "best_score", "best_val_acc", "best_epoch", "epochs_run", "max_epochs", "status"]
+    return search.ranked()[columns].head(top).reset_index(drop=True)
 
 
 def best_per_backbone(search: Search) -> pd.DataFrame:
-    trials = search.trials.dropna(subset=["best_val_acc"])
-    best = trials.loc[trials.groupby("backbone")["best_val_acc"].idxmax()]
-    columns = ["backbone", "best_val_acc", "trial_id", *[c for c in search.searched if c != "backbone"]]
-    return best[columns].sort_values("best_val_acc", ascending=False).reset_index(drop=True)
+    """Each backbone's best trial by the search's ranking, best backbone first."""
+    ranked = search.ranked().dropna(subset=["best_score"])
+    best = ranked.drop_duplicates("backbone", keep="first")
+    columns = ["backbone", "best_score", "best_val_acc", "trial_id", *[c for c in search.searched if c != "backbone"]]
+    return best[columns].reset_index(drop=True)
 
 
 def compute_saved(search: Search) -> dict[str, float]:
@@ -115,10 +146,10 @@ def importance(search: Search) -> tuple[pd.Series | None, str]:
             distributions[name] = FloatDistribution(low, high, log=name in LOG_SCALE and low > 0)
         else:
             distributions[name] = CategoricalDistribution(sorted(search.trials[name].dropna().unique().tolist(), key=str))
-    study = optuna.create_study(direction="maximize")
+    study = optuna.create_study(direction="maximize" if search.mode == "max" else "minimize")
     for _, row in completed.iterrows():
-        params = {n: (float(row[n]) if isinstance(d, FloatDistribution) else _plain(row[n])) for n, d in distributions.items()}
-        study.add_trial(create_trial(params=params, distributions=distributions, value=float(row["best_val_acc"])))
+        params = {n: (float(row[n]) if isinstance(d, FloatDistribution) else plain(row[n])) for n, d in distributions.items()}
+        study.add_trial(create_trial(params=params, distributions=distributions, value=float(row["best_score"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -127,14 +158,10 @@ def importance(search: Search) -> tuple[pd.Series | None, str]:
             )
         except (ValueError, RuntimeError) as err:
             return None, f"importance could not be computed: {err}"
-    note = "PED-ANOVA on completed trials (share of explained variation in accuracy)"
+    note = f"PED-ANOVA on completed trials (share of explained variation in {search.metric})"
     if len(completed) < MIN_TRIALS_FOR_IMPORTANCE:
         note += f"; only {len(completed)} completed trials: too few to trust, treat as a hint"
     return pd.Series(scores, name="importance").sort_values(ascending=False), note
-
-
-def _plain(value: object) -> object:
-    return value.item() if hasattr(value, "item") else value
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -150,7 +177,7 @@ def _style_for(status: str) -> dict:
 
 def plot_learning_curves(search: Search, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    best_id = search.trials.sort_values("best_val_acc", ascending=False)["trial_id"].iloc[0]
+    best_id = search.ranked()["trial_id"].iloc[0]
     statuses = dict(zip(search.trials["trial_id"], search.trials["status"]))
     for trial_id, rows in search.epochs.sort_values("epoch").groupby("trial_id"):
         if trial_id == best_id:
@@ -160,7 +187,7 @@ def plot_learning_curves(search: Search, path: Path) -> None:
     best = search.epochs[search.epochs["trial_id"] == best_id].sort_values("epoch")
     best_trial = search.trials.set_index("trial_id").loc[best_id]
     ax.plot(best["epoch"], 100 * best["val_acc"], color="tab:orange", linewidth=3, marker="o",
-            label=f"best: {best_id} ({best_trial['backbone']}, {100 * best_trial['best_val_acc']:.1f}%)")
+            label=f"best by {search.metric}: {best_id} ({best_trial['backbone']}, {100 * best_trial['best_val_acc']:.1f}%)")
     ax.plot([], [], color="tab:blue", label="completed")
     ax.plot([], [], color="tab:gray", linestyle="--", label="stopped early (ASHA)")
     if (search.trials["status"] == "error").any():
@@ -196,10 +223,11 @@ def _axis_values(series: pd.Series, name: str) -> tuple[np.ndarray, list[float],
 
 def plot_parallel_coordinates(search: Search, path: Path) -> None:
     names = search.searched or ["backbone"]
-    trials = search.trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc")
+    trials = search.trials.dropna(subset=["best_score"]).sort_values("best_score", ascending=search.mode == "min")
     fig, ax = plt.subplots(figsize=(max(7, 1.8 * (len(names) + 1)), 5.5))
     columns = [_axis_values(trials[name], name) for name in names]
-    accuracy = 100 * trials["best_val_acc"].to_numpy()
+    unit = 100 if search.metric.endswith("_acc") else 1
+    accuracy = unit * trials["best_score"].to_numpy()
     norm = plt.Normalize(accuracy.min(), accuracy.max() if accuracy.max() > accuracy.min() else accuracy.min() + 1)
     cmap = plt.get_cmap("viridis")
     acc_positions = norm(accuracy)
@@ -212,12 +240,12 @@ def plot_parallel_coordinates(search: Search, path: Path) -> None:
             ax.text(x + 0.03, tick, label, fontsize=8, va="center")
     ax.axvline(len(names), color="black", linewidth=0.8)
     for value in np.linspace(norm.vmin, norm.vmax, 3):
-        ax.text(len(names) + 0.03, norm(value), f"{value:.0f}%", fontsize=8, va="center")
-    ax.set_xticks(range(len(names) + 1), [*names, "best val acc"], rotation=15)
+        ax.text(len(names) + 0.03, norm(value), f"{value:.0f}%" if unit == 100 else f"{value:.3g}", fontsize=8, va="center")
+    ax.set_xticks(range(len(names) + 1), [*names, search.score_label], rotation=15)
     ax.set_yticks([])
     ax.set_xlim(-0.2, len(names) + 0.6)
-    ax.set_title(f"{search.name}\nhyperparameters of each trial (one line each), coloured by best validation accuracy", fontsize=11)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best validation accuracy (%)")
+    ax.set_title(f"{search.name}\nhyperparameters of each trial (one line each), coloured by {search.score_label}", fontsize=11)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=search.score_label + (" (%)" if unit == 100 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -225,18 +253,19 @@ def plot_parallel_coordinates(search: Search, path: Path) -> None:
 
 def plot_accuracy_against(search: Search, setting: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
-    trials = search.trials.dropna(subset=["best_val_acc"])
+    trials = search.trials.dropna(subset=["best_score"])
+    unit = 100 if search.metric.endswith("_acc") else 1
     for (backbone, rows), color in zip(trials.groupby("backbone"), plt.get_cmap("tab10").colors):
         for stopped, marker_face in ((False, color), (True, "none")):
             part = rows[(rows["status"] == "stopped_early") == stopped]
             if not part.empty:
-                ax.scatter(part[setting], 100 * part["best_val_acc"], s=45, edgecolors=color, facecolors=marker_face,
+                ax.scatter(part[setting], unit * part["best_score"], s=45, edgecolors=color, facecolors=marker_face,
                            label=f"{backbone}{' (stopped early)' if stopped else ''}")
     if setting in LOG_SCALE and (trials[setting] > 0).all():
         ax.set_xscale("log")
     ax.set_xlabel(f"{setting}{' (log scale)' if ax.get_xscale() == 'log' else ''}")
-    ax.set_ylabel("best validation accuracy (%)")
-    ax.set_title(f"{search.name}: best validation accuracy against {setting}, per backbone")
+    ax.set_ylabel(search.score_label + (" (%)" if unit == 100 else ""))
+    ax.set_title(f"{search.name}: {search.score_label} against {setting}, per backbone")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -258,10 +287,12 @@ def plot_comparison(searches: list[Search], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for search in searches:
         epochs = search.epochs.sort_values("timestamp")
-        best_so_far = 100 * epochs["val_acc"].cummax().to_numpy()
-        ax.step(np.arange(1, len(epochs) + 1), best_so_far, where="post", label=f"{search.name} ({len(search.trials)} trials)")
+        scores = epochs[search.metric]
+        best_so_far = (scores.cummax() if search.mode == "max" else scores.cummin()).to_numpy()
+        unit = 100 if search.metric.endswith("_acc") else 1
+        ax.step(np.arange(1, len(epochs) + 1), unit * best_so_far, where="post", label=f"{search.name} ({len(search.trials)} trials)")
     ax.set_xlabel("trial-epochs spent (cumulative)")
-    ax.set_ylabel("best validation accuracy so far (%)")
+    ax.set_ylabel(f"best {searches[0].metric} so far" + (" (%)" if searches[0].metric.endswith("_acc") else ""))
     ax.set_title("Searches compared: best accuracy against compute spent")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -273,28 +304,18 @@ def plot_comparison(searches: list[Search], path: Path) -> None:
 # -- text -----------------------------------------------------------------------------------
 
 
-def _format(value: object, column: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if column in ("best_val_acc", "last_val_acc"):
-        return f"{100 * float(value):.1f}%"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
 def markdown_table(frame: pd.DataFrame) -> str:
     columns = list(frame.columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_format(row[c], c) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_value(row[c], c) for c in columns) + " |")
     return "\n".join(lines)
 
 
 def text_table(frame: pd.DataFrame) -> str:
     shown = frame.copy()
     for column in shown.columns:
-        shown[column] = [_format(v, column) for v in shown[column]]
+        shown[column] = [format_value(v, column) for v in shown[column]]
     shown.index = range(1, len(shown) + 1)
     return shown.to_string()
 
@@ -307,8 +328,8 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
         f"({100 * saved['saved_fraction']:.0f}% saved by early stopping; {saved['stopped_early']} of "
         f"{saved['trials']} trials stopped early); {saved['trial_hours']:.2f} trial-hours, {saved['gpu_hours']:.2f} GPU-hours"
     )
-    board = leaderboard(search)
-    per_backbone = best_per_backbone(search)
+    board = name_scores(leaderboard(search), search.metric)
+    per_backbone = name_scores(best_per_backbone(search), search.metric)
     scores, note = importance(search)
     importance_frame = scores.rename_axis("setting").reset_index() if scores is not None else None
     return [
@@ -336,49 +357,75 @@ def write_report(search: Search, sections: list[tuple[str, str, str]], plots: di
     return report
 
 
-def analyze(folders: Sequence[Path], comparison_dir: Path | None = None) -> str:
-    """Analyse each folder (tables, PNGs, report.md); compare them when there are several."""
-    searches = [load_search(folder) for folder in folders]
-    output = []
+def analyze(folders: Sequence[str], comparison_dir: Path | None = None, output: Path | None = None) -> str:
+    """Analyse each folder (tables, PNGs, report.md); compare them when there are several.
+
+    Given several folders, those that hold no search (a `train-*` run, the comparison folder) are
+    skipped with one line each.
+    """
+    searches, skipped = [], []
+    for folder in folders:
+        try:
+            searches.append(load_search(folder, output))
+        except UserError as err:
+            if len(folders) == 1:
+                raise
+            skipped.append(f"skipped {folder}: {err}")
+    if not searches:
+        raise UserError(f"none of the {len(folders)} folders holds search results")
+    lines = list(skipped)
     for search in searches:
         sections = summary_sections(search)
         plots = write_plots(search)
         report = write_report(search, sections, plots)
-        output.append(f"=== {search.name} ({search.folder})")
+        lines.append(f"=== {search.name} ({search.folder}): ranked by {search.metric} ({search.mode})")
         for title, text, _ in sections:
-            output += [f"\n{title}:", text]
-        output.append(f"\nWritten: {report} and {', '.join(p.name for p in plots.values())}")
+            lines += [f"\n{title}:", text]
+        lines.append(f"\nWritten: {report} and {', '.join(p.name for p in plots.values())}")
     if len(searches) > 1:
-        rows = []
-        for search in searches:
-            saved = compute_saved(search)
-            best = search.trials.sort_values("best_val_acc", ascending=False).iloc[0]
-            rows.append({"search": search.name, "trials": saved["trials"], "best_val_acc": best["best_val_acc"],
-                         "best_backbone": best["backbone"], "trial_epochs": saved["trial_epochs_run"],
-                         "stopped_early": saved["stopped_early"], "trial_hours": saved["trial_hours"]})
-        table = pd.DataFrame(rows)
-        target = comparison_dir or searches[0].folder.parent / "comparison"
-        target.mkdir(parents=True, exist_ok=True)
-        plot_comparison(searches, target / "comparison.png")
-        (target / "comparison.md").write_text(
-            "# Searches compared\n\n" + markdown_table(table) + "\n\n![best accuracy against compute](comparison.png)\n"
-        )
-        output += ["\n=== Compared", text_table(table), f"Written: {target / 'comparison.md'}, {target / 'comparison.png'}"]
-    return "\n".join(output)
+        lines += compare(searches, comparison_dir or searches[0].folder.parent / "comparison")
+    return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_inat.analyze", description="Tables, plots and a report of one or more searches.")
-    parser.add_argument("folders", nargs="+", type=Path, metavar="RESULTS_DIR")
-    parser.add_argument("--comparison-dir", type=Path, default=None, help="where the comparison of several searches goes (default: <first>/../comparison)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    import optuna
+def compare(searches: list[Search], target: Path) -> list[str]:
+    rows = []
+    for search in searches:
+        saved = compute_saved(search)
+        best = search.ranked().iloc[0]
+        rows.append({"search": search.name, "metric": search.metric, "trials": saved["trials"],
+                     "best_score": best["best_score"], "best_val_acc": best["best_val_acc"],
+                     "best_backbone": best["backbone"], "trial_epochs": saved["trial_epochs_run"],
+                     "stopped_early": saved["stopped_early"], "trial_hours": saved["trial_hours"]})
+    table = name_scores(pd.DataFrame(rows), searches[0].metric)
+    target.mkdir(parents=True, exist_ok=True)
+    plot_comparison(searches, target / "comparison.png")
+    (target / "comparison.md").write_text(
+        "# Searches compared\n\n" + markdown_table(table) + "\n\n![best score against compute](comparison.png)\n"
+    )
+    return ["\n=== Compared", text_table(table), f"Written: {target / 'comparison.md'}, {target / 'comparison.png'}"]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(analyze(args.folders, args.comparison_dir))
-    return 0
+
+def analyze_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.analyze", "Tables, plots and a report of one or more searches.")
+    parser.add_argument("folders", nargs="+", metavar="RESULTS_DIR", help="a search's results folder (local or a URI); "
+                        "several are compared, folders that hold no search skipped")
+    parser.add_argument("--comparison-dir", type=Path, default=None, help="where the comparison of several searches "
+                        "goes (default: comparison/ beside the first folder)")
+    parser.add_argument("--output", type=Path, default=None, help="for results at a URI: where plots and report.md go "
+                        "(default ./analysis/<name>)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run(args: argparse.Namespace) -> int:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        print(analyze(args.folders, args.comparison_dir, args.output))
+        return 0
+
+    return run_command(analyze_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

@@ -1,33 +1,86 @@
-"""Pieces every command line shares: the data flags, logging, reading YAML with clear errors."""
+"""How every `python -m tune_inat.X` command is built: common flags, logging, errors, data flags, YAML.
+
+`command_parser` gives each command the same `--debug`/`--quiet`/`--verbose` flags and help that
+shows defaults; `run_command` parses, sets up logging once, runs, and turns a `UserError` into one
+`error: ...` line with exit code 2 (`--debug` adds the traceback) and Ctrl-C into exit code 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from tune_inat.data.cache import default_cache_dir
 from tune_inat.data.dataset import DataConfig
 from tune_inat.data.demo import ensure_demo_data
-from tune_inat.errors import UserError
+from tune_inat.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_TEST_FRACTION = 0.2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default (unless it is None or False: "not given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every command shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    add_common_arguments(parser)
+    return parser
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_argument_group("output")
+    output.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    output.add_argument("--quiet", action="store_true", help="only warnings, errors and the final result")
+    output.add_argument("--verbose", action="store_true", help="also show the libraries' own messages (Ray, Optuna)")
+
+
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, set up logging, run; user errors are one line and exit 2, Ctrl-C exits 130."""
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(getattr(args, "debug", False), getattr(args, "quiet", False))
+    try:
+        return run(args) or 0
+    except UserError as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--data/--demo, --cache-dir and the split flags; None means "not given" (a file may set it)."""
-    source = parser.add_mutually_exclusive_group(required=required)
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group(required=required)
     source.add_argument("--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)")
     source.add_argument("--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
-    parser.add_argument("--val-fraction", type=float, default=None, help=f"share of train/ held out for validation (default {DEFAULT_VAL_FRACTION})")
-    parser.add_argument("--test-fraction", type=float, default=None, help=f"for a root without val/: share of each class held out as the test set (default {DEFAULT_TEST_FRACTION})")
-    parser.add_argument("--split-seed", type=int, default=None, help="seed of the splits (default 0)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    data.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
+    data.add_argument("--val-fraction", type=float, default=None, help=f"share of train/ held out for validation (default {DEFAULT_VAL_FRACTION})")
+    data.add_argument("--test-fraction", type=float, default=None, help=f"for a root without val/: share of each class held out as the test set (default {DEFAULT_TEST_FRACTION})")
+    data.add_argument("--split-seed", type=int, default=None, help="seed of the validation and test splits (default 0)")
 
 
 def data_config_from_args(args: argparse.Namespace, val_fraction: float | None = None, split_seed: int | None = None) -> DataConfig:
@@ -43,18 +96,16 @@ def data_config_from_args(args: argparse.Namespace, val_fraction: float | None =
     return DataConfig(root=root, cache_dir=cache_dir, val_fraction=val, test_fraction=test, split_seed=seed)
 
 
-def setup_logging(debug: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
-
-
 def read_yaml(path: Path, what: str = "file") -> Any:
-    """Parse a YAML file; a missing file or a syntax error (with its line) is one UserError line."""
+    """Parse a YAML file; a missing, unreadable or damaged file or a syntax error (with its line) is one UserError line."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (damaged or binary), cannot be read as YAML") from None
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from err
     try:

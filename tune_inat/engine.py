@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,136 +27,9 @@ from tune_inat.data.dataset import TrainValData
 from tune_inat.errors import UserError
 from tune_inat.features import FeatureBatches, feature_key, prefix_outputs
 from tune_inat.host_memory import reuse_freed_memory
-from tune_inat.models import FineTuneModel, build_model, check_image_size, native_image_size, parameter_groups
-
-OPTIMIZERS = ("adamw", "sgd")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines one fine-tuning run: the hyperparameters a search explores."""
-
-    backbone: str = "resnet50"
-    weights: str = "imagenet"  # "imagenet", "none", or a path to a state_dict file
-    image_size: int | None = None  # None: the backbone's native input size
-    freeze_fraction: float = 0.8
-    optimizer: str = "adamw"
-    lr: float = 1e-3  # the head's; the backbone gets lr * backbone_lr_scale
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # SGD only
-    label_smoothing: float = 0.1
-    batch_size: int = 32
-    epochs: int = 10
-    warmup_epochs: float = 0.5
-    augment: bool = True
-    crop_scale_min: float = 0.25
-    color_jitter: float = 0.0
-    grad_accum_steps: int = 1  # batch_size is the effective batch; micro-batches are batch_size / this
-    frozen_features: bool = True  # without augmentation, compute the frozen prefix once and train the rest on it
-    compile: bool = False  # torch.compile the trained part (off by default: see the Performance section)
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a plain dict (YAML, Ray config): seed aliases accepted, types coerced, checked.
-
-        Any problem raises one UserError line naming `source` and the key.
-        """
-        return cls(**coerce_settings(values, source)).validated()
-
-    def validated(self) -> TrainConfig:
-        """Check every value; resolve `image_size` to the backbone's native size when None."""
-        image_size = self.image_size or native_image_size(self.backbone)
-        check_image_size(self.backbone, image_size)
-        checks = [
-            (self.weights in ("imagenet", "none") or Path(self.weights).expanduser().is_file(),
-             "weights", "'imagenet', 'none' or the path of a state_dict file"),
-            (0.0 <= self.freeze_fraction <= 1.0, "freeze_fraction", "a number in [0, 1]"),
-            (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
-            (self.lr > 0, "lr", "a positive number"),
-            (self.backbone_lr_scale > 0, "backbone_lr_scale", "a positive number"),
-            (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
-            (0.0 <= self.momentum < 1.0, "momentum", "a number in [0, 1)"),
-            (0.0 <= self.label_smoothing < 1.0, "label_smoothing", "a number in [0, 1)"),
-            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
-            (self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0"),
-            (0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", "a number in (0, 1]"),
-            (0.0 <= self.color_jitter < 1.0, "color_jitter", "a number in [0, 1)"),
-            (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
-             "grad_accum_steps", "an integer >= 1 that divides batch_size"),
-        ]
-        for ok, name, allowed in checks:
-            if not ok:
-                raise UserError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
-        return replace(self, image_size=image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-FIELD_TYPES: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type] for f in fields(TrainConfig)
-}
-_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-SETTING_ALIASES = {  # the names the seeds' notebooks and sweeps use
-    "learning_rate": "lr",
-    "freeze": "freeze_fraction",
-    "freeze_percent": "freeze_fraction",
-    "data_augmentation": "augment",
-    "use_augmentation": "augment",
-}
-NAMED_FREEZE_FRACTIONS = {"freeze_all": 1.0, "unfreeze_all": 0.0}
-
-
-def canonical_setting(name: str) -> str:
-    return SETTING_ALIASES.get(name, name)
-
-
-def coerce_setting(name: str, value: Any, source: str = "config") -> Any:
-    """`value` as the type TrainConfig's field `name` holds (YAML reads 1e-3 as a string, 5.0 as a float)."""
-    kind = FIELD_TYPES.get(name)
-    if kind is None:
-        raise UserError(f"{source}: unknown setting {name!r}; known: {', '.join(sorted(FIELD_TYPES))}")
-    if name == "freeze_fraction" and isinstance(value, str) and value in NAMED_FREEZE_FRACTIONS:
-        return NAMED_FREEZE_FRACTIONS[value]
-    if name == "image_size" and (value is None or value == "native"):
-        return None
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return str(value).lower() in ("true", "yes", "on", "1")
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: {name} must be {_TYPE_WORDS[kind]}, got {value!r}") from None
-
-
-def coerce_settings(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Rename aliases and coerce every value; a setting given twice (by two names) is an error."""
-    settings: dict[str, Any] = {}
-    for key, value in values.items():
-        name = canonical_setting(str(key))
-        if name in settings:
-            raise UserError(f"{source}: {name} is given twice (as {key!r} and another name)")
-        settings[name] = coerce_setting(name, value, source)
-    return settings
-
+from tune_inat.backbones import get_backbone
+from tune_inat.models import FineTuneModel, build_model, parameter_groups
+from tune_inat.settings import TrainConfig
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; asking for CUDA without one is a user error."""
@@ -305,7 +176,7 @@ class FineTuning:
         model = build_model(
             config.backbone, len(data.classes), config.weights, config.image_size, config.freeze_fraction
         )
-        channels_last = device.type == "cuda" and not config.backbone.startswith("vit_")
+        channels_last = device.type == "cuda" and get_backbone(config.backbone).channels_last
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.precision = MixedPrecision(device)
         micro_batch, eval_batch = config.batch_size // config.grad_accum_steps, max(64, config.batch_size)

@@ -4,13 +4,16 @@ When augmentation is off, a frozen prefix maps each cached image to the same fea
 epoch. So they are computed once per (image cache, backbone, weights, freeze point, resolution),
 written under a file lock to `<cache_dir>/features/<key>.npy` (float16 when computed on a GPU in
 bf16/fp16, float32 on the CPU), and every trial with that prefix trains only the rest of the
-network on them: a head-only trial then costs a fraction of an epoch over the backbone.
+network on them: a head-only trial then costs a fraction of an epoch over the backbone. Beside
+each array, `<key>.json` records its shape, size and checksums of a sample of rows; an entry that
+does not match (a truncated or changed file) is recomputed under the lock, with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -44,6 +47,41 @@ def feature_key(data: TrainValData, backbone: str, weights: str, prefix_length: 
     return f"{backbone}-{prefix_length}-{image_size}px-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
+SAMPLED_ROWS = 32
+
+
+def _row_digests(store: np.ndarray, rows: list[int]) -> list[str]:
+    return [hashlib.sha256(np.ascontiguousarray(store[row]).tobytes()).hexdigest()[:16] for row in rows]
+
+
+def _describe(path: Path) -> dict:
+    """What a finished feature array holds: written beside it, checked when it is opened."""
+    store = np.load(path, mmap_mode="r")
+    rows = sorted({int(i) for i in np.linspace(0, len(store) - 1, min(len(store), SAMPLED_ROWS))})
+    return {"shape": list(store.shape), "dtype": str(store.dtype), "bytes": path.stat().st_size,
+            "sampled_rows": rows, "sampled_digests": _row_digests(store, rows)}
+
+
+def _open_checked(path: Path, warn: bool) -> np.ndarray | None:
+    """The feature array at `path` if it matches its record; None when missing or damaged."""
+    record_path = path.with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        store = np.load(path, mmap_mode="r")
+        ok = (list(store.shape) == record["shape"] and str(store.dtype) == record["dtype"]
+              and path.stat().st_size == record["bytes"]
+              and _row_digests(store, record["sampled_rows"]) == record["sampled_digests"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        if warn:
+            log.warning("warning: frozen-feature cache %s is damaged; recomputing it", path)
+        return None
+    return store
+
+
 @torch.inference_mode()
 def prefix_outputs(
     prefix: nn.Module, data: TrainValData, image_size: int, device: torch.device, key: str, autocast_dtype: torch.dtype | None
@@ -51,12 +89,14 @@ def prefix_outputs(
     """The prefix's outputs for every cached image (row-indexed, memory-mapped), or None if too large."""
     folder = data.cache.directory.parent / "features"
     final = folder / f"{key}.npy"
-    if final.is_file():
-        return np.load(final, mmap_mode="r")
+    found = _open_checked(final, warn=False)
+    if found is not None:
+        return found
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / f"{key}.lock")):
-        if final.is_file():  # another trial computed it while we waited
-            return np.load(final, mmap_mode="r")
+        found = _open_checked(final, warn=True)  # another trial may have computed it while we waited
+        if found is not None:
+            return found
         images = data.cache.open_images()
         rows = data.cache.rows
         batches = DeviceBatches(images, data.labels, rows, batch_size=128, image_size=image_size, device=device,
@@ -78,7 +118,11 @@ def prefix_outputs(
                 store[batch_rows] = output.float().cpu().numpy().astype(dtype)
             store.flush()
             del store
+            final.with_suffix(".json").unlink(missing_ok=True)
             os.replace(partial, final)
+            record = final.with_suffix(".json.tmp")
+            record.write_text(json.dumps(_describe(final)))
+            os.replace(record, final.with_suffix(".json"))
         finally:
             partial.unlink(missing_ok=True)
     log.info("cached frozen-prefix outputs: %s", final)

@@ -8,6 +8,7 @@
    precision/recall/F1, confusion matrix and a 10 x 3 grid of test images.
 4. Export one self-contained model file for `python -m tune_inat.predict`.
 Everything goes to RESULTS_DIR/final/ and into the results' report.md. Plain PyTorch: no Ray.
+The candidates are the search's own ranking (`results.rank_trials`, the search's metric and mode).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -29,17 +31,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from tune_inat.analyze import load_search, markdown_table, summary_sections, write_plots, write_report  # noqa: E402
-from tune_inat.cli import setup_logging  # noqa: E402
+from tune_inat.analyze import load_search, markdown_table, summary_sections, text_table, write_plots, write_report  # noqa: E402
+from tune_inat.cli import command_parser, run_command  # noqa: E402
 from tune_inat.data.batches import DeviceBatches  # noqa: E402
 from tune_inat.data.dataset import DataConfig, TestData, TrainValData, merge_validation, prepare_test, prepare_train_val  # noqa: E402
-from tune_inat.engine import FIELD_TYPES, FineTuning, MixedPrecision, TrainConfig, predict_probabilities, resolve_device  # noqa: E402
-from tune_inat.errors import UserError, cli_main  # noqa: E402
+from tune_inat.engine import FineTuning, MixedPrecision, predict_probabilities, resolve_device  # noqa: E402
+from tune_inat.errors import UserError  # noqa: E402
 from tune_inat.models import fetch_weights, save_model_file  # noqa: E402
+from tune_inat.results import percent, rank_trials, read_search_record  # noqa: E402
+from tune_inat.settings import TrainConfig, settings_of_row  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SEARCH_INFO_FILE = "search.json"
 GRID_ROWS, GRID_COLUMNS = 10, 3
 
 
@@ -50,64 +53,96 @@ class Candidate:
     trial_id: str
     settings: TrainConfig
     search_val_acc: float
+    epoch_seconds: float  # mean seconds per epoch in the search (for the estimate)
 
 
-def read_search_info(folder: Path) -> dict:
-    path = folder / SEARCH_INFO_FILE
-    if not path.is_file():
-        raise UserError(f"{folder} has no {SEARCH_INFO_FILE}: it was not written by a tune-inat search")
-    return json.loads(path.read_text())
-
-
-def top_candidates(trials: pd.DataFrame, k: int, mode: str = "max") -> list[Candidate]:
-    """The k best completed trials (by the search metric), with the epochs they actually trained."""
+def top_candidates(trials: pd.DataFrame, k: int, mode: str = "max", epochs: pd.DataFrame | None = None) -> list[Candidate]:
+    """The k best completed trials (the search's own ranking), with the epochs they actually trained."""
     finished = trials[(trials["status"] == "completed") & trials["best_score"].notna()]
     if finished.empty:
         raise UserError("the search has no finished trials yet (none completed all its epochs)")
-    ranked = finished.sort_values("best_score", ascending=(mode == "min"))
+    seconds = epochs.groupby("trial_id")["epoch_seconds"].mean() if epochs is not None and len(epochs) else pd.Series(dtype=float)
     candidates: list[Candidate] = []
     seen: set[tuple] = set()
-    for _, row in ranked.iterrows():
-        values = {name: (row[name].item() if hasattr(row[name], "item") else row[name]) for name in FIELD_TYPES}
-        values["epochs"] = int(row["max_epochs"])
-        settings = TrainConfig.from_dict(values, f"trial {row['trial_id']}")
+    for _, row in rank_trials(finished, mode).iterrows():
+        settings = settings_of_row(row, f"trial {row['trial_id']}")
         key = tuple(sorted(replace(settings, seed=0).to_dict().items()))
         if key not in seen:  # a grid can hold the same configuration twice
             seen.add(key)
-            candidates.append(Candidate(row["trial_id"], settings, float(row["best_val_acc"])))
+            candidates.append(Candidate(row["trial_id"], settings, float(row["best_val_acc"]),
+                                        float(seconds.get(row["trial_id"], math.nan))))
         if len(candidates) == k:
             break
     return candidates
 
 
-def train_to_the_end(settings: TrainConfig, data: TrainValData, device: torch.device) -> FineTuning:
+class Progress:
+    """"confirm 3/5: trial X seed 1, epoch 4/6, ~2 min left", from the search's own epoch times, then measured ones."""
+
+    def __init__(self, planned: list[tuple[str, Candidate]]) -> None:
+        self.planned = planned  # (what, candidate) of every run, in order
+        self.run = 0
+        self.started = time.monotonic()
+        self.done_epochs = 0
+
+    def pace(self, candidate: Candidate) -> float:
+        """Seconds per epoch: as in the search, else as measured here so far."""
+        if math.isfinite(candidate.epoch_seconds):
+            return candidate.epoch_seconds
+        return (time.monotonic() - self.started) / self.done_epochs if self.done_epochs else 0.0
+
+    def estimate(self, run: int = 0, epochs_done: int = 0) -> float:
+        """Seconds left from epoch `epochs_done` of run `run` to the end of the last run."""
+        return sum((c.settings.epochs - (epochs_done if i == run else 0)) * self.pace(c)
+                   for i, (_, c) in enumerate(self.planned[run:], start=run))
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        self.done_epochs += 1
+        what, candidate = self.planned[self.run]
+        val = "-" if math.isnan(metrics["val_acc"]) else percent(metrics["val_acc"])
+        log.info("%s %d/%d: %s, epoch %d/%d, val_acc %s, ~%s left", what, self.run + 1, len(self.planned), candidate.trial_id,
+                 metrics["epoch"], candidate.settings.epochs, val, minutes(self.estimate(self.run, int(metrics["epoch"]))))
+
+    def next_run(self) -> None:
+        self.run += 1
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def train_to_the_end(settings: TrainConfig, data: TrainValData, device: torch.device, progress: Progress | None = None) -> FineTuning:
     run = FineTuning(settings, data, device)
     while not run.done:
         metrics = run.run_epoch()
-        log.info("  epoch %d/%d  train_acc %.1f%%  val_acc %s", metrics["epoch"], settings.epochs,
-                 100 * metrics["train_acc"], "-" if math.isnan(metrics["val_acc"]) else f"{100 * metrics['val_acc']:.1f}%")
+        if progress is not None:
+            progress.epoch(metrics)
+    if progress is not None:
+        progress.next_run()
     return run
 
 
-def confirm(candidates: list[Candidate], data_for: dict[int, TrainValData], seeds: int, device: torch.device) -> pd.DataFrame:
+def confirm(candidates: list[Candidate], data_for: dict[int, TrainValData], seeds: int, device: torch.device,
+            progress: Progress | None = None) -> pd.DataFrame:
     """Each candidate re-trained with `seeds` seeds; one row per run with its final validation accuracy."""
     rows = []
     for candidate in candidates:
         for seed in range(seeds):
-            log.info("confirming trial %s with seed %d", candidate.trial_id, seed)
-            run = train_to_the_end(replace(candidate.settings, seed=seed), data_for[candidate.settings.image_size], device)
-            rows.append({"trial_id": candidate.trial_id, "seed": seed, "val_acc": run.last_metrics["val_acc"]})
+            run = train_to_the_end(replace(candidate.settings, seed=seed), data_for[candidate.settings.image_size],
+                                   device, progress)
+            rows.append({"trial_id": candidate.trial_id, "seed": seed, **run.last_metrics})
     return pd.DataFrame(rows)
 
 
-def rank_confirmed(candidates: list[Candidate], runs: pd.DataFrame) -> pd.DataFrame:
-    table = runs.groupby("trial_id")["val_acc"].agg(["mean", "std", "count"]).reset_index()
-    table = table.rename(columns={"mean": "val_acc_mean", "std": "val_acc_std", "count": "seeds"})
+def rank_confirmed(candidates: list[Candidate], runs: pd.DataFrame, metric: str = "val_acc", mode: str = "max") -> pd.DataFrame:
+    """Candidates by the mean of the search's metric over their seeds (ties: the search's order)."""
+    table = runs.groupby("trial_id", sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
+    table = table.rename(columns={"mean": f"{metric}_mean", "std": f"{metric}_std", "count": "seeds"})
     by_id = {c.trial_id: c for c in candidates}
     table["search_val_acc"] = table["trial_id"].map(lambda t: by_id[t].search_val_acc)
     for name in ("backbone", "image_size", "freeze_fraction", "lr", "batch_size", "epochs"):
         table[name] = table["trial_id"].map(lambda t, n=name: getattr(by_id[t].settings, n))
-    return table.sort_values("val_acc_mean", ascending=False).reset_index(drop=True)
+    return table.sort_values(f"{metric}_mean", ascending=mode == "min", kind="stable").reset_index(drop=True)
 
 
 def classification_report(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -182,27 +217,31 @@ def evaluate_once_on_test(run: FineTuning, test: TestData, device: torch.device)
 
 
 def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root: Path | None, max_epochs: int | None) -> str:
-    info = read_search_info(folder)
+    info = read_search_record(str(folder))
     search = load_search(folder)
-    candidates = top_candidates(search.trials, top_k, info.get("mode", "max"))
+    candidates = top_candidates(search.trials, top_k, search.mode, search.epochs)
     if max_epochs:
         candidates = [replace(c, settings=replace(c.settings, epochs=min(c.settings.epochs, max_epochs))) for c in candidates]
     data_config = DataConfig(root=data_root or Path(info["data_root"]), cache_dir=Path(info["cache_dir"]),
                              val_fraction=info["val_fraction"], test_fraction=info["test_fraction"], split_seed=info["split_seed"])
-    for candidate in candidates:
-        if candidate.settings.weights == "imagenet":
-            fetch_weights(candidate.settings.backbone)
+    fetch_weights([c.settings.backbone for c in candidates if c.settings.weights == "imagenet"])
     device = resolve_device(device_name)
     data_for = {size: prepare_train_val(data_config, size) for size in {c.settings.image_size for c in candidates}}
     out = folder / "final"
     out.mkdir(exist_ok=True)
 
-    runs = confirm(candidates, data_for, seeds, device)
-    ranking = rank_confirmed(candidates, runs)
+    plan = [("confirm", c) for c in candidates for _ in range(seeds)] + [("re-train", candidates[0])]
+    progress = Progress(plan)
+    epochs = sum(c.settings.epochs for _, c in plan)
+    log.info("final: %d candidates x %d seeds, then the winner re-trained on train + validation: %d runs, %d epochs, "
+             "about %s (from the search's epoch times)", len(candidates), seeds, len(plan), epochs, minutes(progress.estimate()))
+    runs = confirm(candidates, data_for, seeds, device, progress)
+    ranking = rank_confirmed(candidates, runs, search.metric, search.mode)
     ranking.to_csv(out / "confirmation.csv", index=False)
     winner = next(c for c in candidates if c.trial_id == ranking["trial_id"].iloc[0])
-    log.info("re-training trial %s on train + validation", winner.trial_id)
-    final_run = train_to_the_end(replace(winner.settings, seed=0), merge_validation(data_for[winner.settings.image_size]), device)
+    progress.planned[-1] = ("re-train", winner)
+    final_run = train_to_the_end(replace(winner.settings, seed=0), merge_validation(data_for[winner.settings.image_size]),
+                                 device, progress)
 
     test = prepare_test(data_config, winner.settings.image_size)
     probabilities, labels = evaluate_once_on_test(final_run, test, device)
@@ -226,7 +265,7 @@ def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root:
         f"Winner: trial `{winner.trial_id}` ({winner.settings.backbone}, {winner.settings.image_size} px, freeze "
         f"{winner.settings.freeze_fraction:.2f}, lr {winner.settings.lr:.2g}, batch {winner.settings.batch_size}, "
         f"{winner.settings.epochs} epochs), re-trained on train + validation.",
-        "", f"**Test accuracy: {100 * accuracy:.2f}%** on {len(labels)} images, evaluated once.", "",
+        "", f"**Test accuracy: {100 * accuracy:.1f}%** on {len(labels)} images, evaluated once.", "",
         f"Confirmation on the validation split ({seeds} seeds each):", "", markdown_table(ranking), "",
         "Per class on the test set:", "", markdown_table(report), "",
         "![confusion matrix](final/confusion_matrix.png)", "", "![test predictions](final/test_predictions.png)", "",
@@ -235,31 +274,36 @@ def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root:
     (out / "summary.md").write_text(markdown)
     write_report(search, summary_sections(search), write_plots(search))
     return (
-        f"Confirmation on the validation split ({seeds} seeds each):\n{ranking.to_string(index=False)}\n\n"
-        f"Winner: trial {winner.trial_id}; test accuracy {100 * accuracy:.2f}% on {len(labels)} images (evaluated once)\n"
-        f"{report.to_string(index=False)}\n\nWritten to {out}: model.pt, summary.json, summary.md, confirmation.csv, "
+        f"Confirmation on the validation split ({seeds} seeds each):\n{text_table(ranking)}\n\n"
+        f"Winner: trial {winner.trial_id}; test accuracy {100 * accuracy:.1f}% on {len(labels)} images (evaluated once)\n"
+        f"{text_table(report)}\n\nWritten to {out}: model.pt, summary.json, summary.md, confirmation.csv, "
         f"per_class.csv, test_predictions.csv, confusion_matrix.png, test_predictions.png; report.md updated"
     )
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_inat.final", description="Confirm the best configs, re-train the winner, test it once, export it.")
-    parser.add_argument("folder", type=Path, metavar="RESULTS_DIR")
-    parser.add_argument("--top-k", type=int, default=3, help="configurations to confirm (default 3)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+def final_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.final",
+                            "Confirm the best configurations, re-train the winner, test it once, export it.")
+    parser.add_argument("folder", type=Path, metavar="RESULTS_DIR", help="a finished search's results folder")
+    parser.add_argument("--top-k", type=int, default=3, help="configurations to confirm")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument("--data", type=Path, default=None, help="dataset root, if it moved since the search")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap every run's epochs (a smoke test)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    setup_logging(args.debug)
-    if args.top_k < 1 or args.seeds < 1:
-        raise UserError("--top-k and --seeds must be at least 1")
-    if not args.folder.is_dir():
-        raise UserError(f"results folder {args.folder} does not exist")
-    print(run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs))
-    return 0
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run(args: argparse.Namespace) -> int:
+        if args.top_k < 1 or args.seeds < 1:
+            raise UserError("--top-k and --seeds must be at least 1")
+        if not args.folder.is_dir():
+            raise UserError(f"results folder {args.folder} does not exist")
+        print(run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs))
+        return 0
+
+    return run_command(final_parser(), run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

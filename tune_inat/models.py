@@ -19,7 +19,6 @@ import http.client
 import math
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,82 +27,17 @@ from torch import nn
 from torchvision import models as tv_models
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from tune_inat.backbones import BACKBONES, Backbone, check_image_size, get_backbone
+from tune_inat.cli import command_parser, run_command
 from tune_inat.data.batches import IMAGENET_MEAN, IMAGENET_STD
 from tune_inat.data.decode import EVAL_CROP_FRACTION
-from tune_inat.errors import UserError, cli_main
-from tune_inat.stages import forward_stages, frozen_prefix_length
-
-
-@dataclass(frozen=True)
-class AuxBranch:
-    """An auxiliary classifier: its module, its final Linear, and the trunk block it reads."""
-
-    module: str
-    head: str
-    attached_to: str
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the factory needs to know about one torchvision architecture."""
-
-    head: str  # dotted path of the final Linear classifier
-    aux: tuple[AuxBranch, ...] = ()
-    aux_weight: float = 0.0  # loss weight of each auxiliary head (from the papers)
-    aux_min_size: int = 0  # smallest input the auxiliary branches accept
-    min_size: int = 16
-    size_multiple: int = 1
-
-
-_RESNET = BackboneSpec(head="fc")
-_VGG = BackboneSpec(head="classifier.6")
-_EFFICIENTNET = BackboneSpec(head="classifier.1")
-_MOBILENET_V3 = BackboneSpec(head="classifier.3")
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": _RESNET,
-    "resnet34": _RESNET,
-    "resnet50": _RESNET,
-    "resnet101": _RESNET,
-    "vgg16": _VGG,
-    "vgg16_bn": _VGG,
-    "googlenet": BackboneSpec(
-        head="fc",
-        aux=(AuxBranch("aux1", "aux1.fc2", "inception4a"), AuxBranch("aux2", "aux2.fc2", "inception4d")),
-        aux_weight=0.3,
-    ),
-    "inception_v3": BackboneSpec(
-        head="fc", aux=(AuxBranch("AuxLogits", "AuxLogits.fc", "Mixed_6e"),), aux_weight=0.4,
-        aux_min_size=299, min_size=75,
-    ),
-    "efficientnet_v2_s": _EFFICIENTNET,
-    "efficientnet_v2_m": _EFFICIENTNET,
-    "convnext_tiny": BackboneSpec(head="classifier.2"),
-    "vit_b_16": BackboneSpec(head="heads.head", size_multiple=16),
-    "mobilenet_v3_small": _MOBILENET_V3,
-    "mobilenet_v3_large": _MOBILENET_V3,
-}
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+from tune_inat.errors import UserError
+from tune_inat.stages import frozen_prefix_length
 
 
 def native_image_size(name: str) -> int:
     """The input size the ImageNet weights were evaluated at (299 for inception_v3, 384 for efficientnet_v2_s)."""
-    backbone_spec(name)
-    return int(tv_models.get_model_weights(name).DEFAULT.transforms().crop_size[0])
-
-
-def check_image_size(name: str, image_size: int) -> None:
-    spec = backbone_spec(name)
-    if image_size < spec.min_size:
-        raise UserError(f"{name} needs image_size >= {spec.min_size}, got {image_size}")
-    if image_size % spec.size_multiple:
-        raise UserError(f"{name} needs image_size divisible by {spec.size_multiple}, got {image_size}")
+    return get_backbone(name).native_size
 
 
 class FineTuneModel(nn.Module):
@@ -118,7 +52,7 @@ class FineTuneModel(nn.Module):
         self._frozen_norms = [
             m for name in frozen_modules if isinstance(m := net.get_submodule(name), nn.modules.batchnorm._BatchNorm)
         ]
-        self.stages = forward_stages(net, backbone)  # a plain list: the same modules, not registered twice
+        self.stages = get_backbone(backbone).stages(net)  # a plain list: the same modules, not registered twice
         self.prefix_length = frozen_prefix_length(self.stages)
 
     def train(self, mode: bool = True) -> FineTuneModel:
@@ -135,7 +69,7 @@ class FineTuneModel(nn.Module):
 
     @property
     def has_active_aux_heads(self) -> bool:
-        return any(getattr(self.net, branch.module, None) is not None for branch in BACKBONES[self.backbone].aux)
+        return any(getattr(self.net, branch.module, None) is not None for branch in get_backbone(self.backbone).aux)
 
     def split_frozen_prefix(self) -> tuple[nn.Module, nn.Module] | None:
         """(frozen prefix, trainable rest) with rest(prefix(x)) == self(x); None when nothing is frozen."""
@@ -168,8 +102,8 @@ class FineTuneModel(nn.Module):
 
     def head_parameter_names(self) -> set[str]:
         """Parameters of the new head and of the auxiliary heads: they train at the full `lr`."""
-        spec = BACKBONES[self.backbone]
-        prefixes = tuple(f"net.{head}." for head in [spec.head, *(branch.head for branch in spec.aux)])
+        backbone = get_backbone(self.backbone)
+        prefixes = tuple(f"net.{head}." for head in [backbone.head, *(branch.head for branch in backbone.aux)])
         return {name for name, _ in self.named_parameters() if name.startswith(prefixes)}
 
 
@@ -206,9 +140,9 @@ def _replace_linear(net: nn.Module, path: str, num_classes: int) -> None:
     net.set_submodule(path, nn.Linear(old.in_features, num_classes))
 
 
-def parameterised_modules(net: nn.Module, spec: BackboneSpec) -> list[str]:
+def parameterised_modules(net: nn.Module, backbone: Backbone) -> list[str]:
     """Names of the backbone's modules that own parameters, in forward order, without heads and aux branches."""
-    excluded = [spec.head] + [branch.module for branch in spec.aux]
+    excluded = [backbone.head] + [branch.module for branch in backbone.aux]
     return [
         name
         for name, module in net.named_modules()
@@ -228,17 +162,17 @@ def freeze_prefix(net: nn.Module, modules: list[str], fraction: float) -> list[s
     return frozen
 
 
-def _load_torchvision(name: str, weights: str, image_size: int, aux: bool) -> nn.Module:
-    spec = BACKBONES[name]
+def _load_torchvision(backbone: Backbone, weights: str, image_size: int, aux: bool) -> nn.Module:
+    name = backbone.torchvision_name
     kwargs: dict[str, Any] = {}
-    if spec.aux:
+    if backbone.aux:
         kwargs["aux_logits"] = aux
         if weights == "none":
             kwargs["init_weights"] = False
-    if name.startswith("vit_") and weights == "none":
+    if backbone.fixed_input_size and weights == "none":
         kwargs["image_size"] = image_size
     if weights == "imagenet":
-        fetch_weights(name)  # one clear line when offline, before torchvision tries
+        fetch_weights(backbone.name)  # one clear line when offline, before torchvision tries
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # googlenet: "auxiliary heads are not pretrained"
             return tv_models.get_model(name, weights=tv_models.get_model_weights(name).DEFAULT, **kwargs)
@@ -270,11 +204,11 @@ def _load_state_dict_file(net: nn.Module, path: Path, name: str) -> None:
     net.load_state_dict(usable, strict=False)
 
 
-def _resize_vit(net: nn.Module, name: str, image_size: int) -> nn.Module:
-    """Rebuild a ViT for another input size, interpolating its position embeddings."""
+def _resize_fixed_input(net: nn.Module, backbone: Backbone, image_size: int) -> nn.Module:
+    """Rebuild a net made for one input size (ViT) for another, interpolating its position embeddings."""
     patch_size = net.patch_size
     state = interpolate_embeddings(image_size, patch_size, net.state_dict())
-    resized = tv_models.get_model(name, weights=None, image_size=image_size)
+    resized = tv_models.get_model(backbone.torchvision_name, weights=None, image_size=image_size)
     resized.load_state_dict(state)
     return resized
 
@@ -292,22 +226,22 @@ def build_model(
     Auxiliary heads (googlenet, inception_v3) are kept only for training that can use them:
     `auxiliary_heads` is True, the input is large enough, and the block they read still learns.
     """
-    spec = backbone_spec(name)
-    image_size = image_size or native_image_size(name)
+    backbone = get_backbone(name)
+    image_size = image_size or backbone.native_size
     check_image_size(name, image_size)
     if num_classes < 2:
         raise UserError(f"need at least 2 classes, got {num_classes}")
-    use_aux = auxiliary_heads and bool(spec.aux) and freeze_fraction < 1.0 and image_size >= spec.aux_min_size
-    net = _load_torchvision(name, weights, image_size, aux=use_aux)
-    if name.startswith("vit_") and weights != "none" and image_size != net.image_size:
-        net = _resize_vit(net, name, image_size)
-    _replace_linear(net, spec.head, num_classes)
-    frozen = freeze_prefix(net, parameterised_modules(net, spec), freeze_fraction)
-    for branch in spec.aux if use_aux else ():
+    use_aux = auxiliary_heads and bool(backbone.aux) and freeze_fraction < 1.0 and image_size >= backbone.aux_min_size
+    net = _load_torchvision(backbone, weights, image_size, aux=use_aux)
+    if backbone.fixed_input_size and weights != "none" and image_size != net.image_size:
+        net = _resize_fixed_input(net, backbone, image_size)
+    _replace_linear(net, backbone.head, num_classes)
+    frozen = freeze_prefix(net, parameterised_modules(net, backbone), freeze_fraction)
+    for branch in backbone.aux if use_aux else ():
         _replace_linear(net, branch.head, num_classes)
         if not any(p.requires_grad for p in net.get_submodule(branch.attached_to).parameters()):
             setattr(net, branch.module, None)  # an aux head helps only if the block it reads still learns
-    return FineTuneModel(net, name, spec.aux_weight, frozen_modules=frozen)
+    return FineTuneModel(net, name, backbone.aux_weight, frozen_modules=frozen)
 
 
 def parameter_groups(
@@ -337,7 +271,7 @@ def save_model_file(
     path: Path, model: FineTuneModel, classes: Sequence[str], image_size: int, config: dict[str, Any]
 ) -> None:
     """One self-contained file: weights (without aux branches), classes, backbone, input size, normalisation."""
-    aux_prefixes = tuple(f"net.{branch.module}." for branch in BACKBONES[model.backbone].aux)
+    aux_prefixes = tuple(f"net.{branch.module}." for branch in get_backbone(model.backbone).aux)
     payload = {
         "format": MODEL_FILE_FORMAT,
         "backbone": model.backbone,
@@ -357,19 +291,32 @@ def save_model_file(
 
 
 def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
-    """Load a file written by `save_model_file` (weights_only: no code is unpickled)."""
+    """Load a file written by `save_model_file` (weights_only: no code is unpickled); damage is one UserError line."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"model file {path} does not exist") from None
     except Exception as err:
-        raise UserError(f"{path} is not a tune-inat model file ({str(err).splitlines()[0][:120]})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a tune-inat model file ({reason[:200]})") from err
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
         raise UserError(f"{path} is not a tune-inat model file (no {MODEL_FILE_FORMAT!r} format tag)")
-    model = build_model(
-        payload["backbone"], len(payload["classes"]), "none", payload["image_size"], auxiliary_heads=False
-    )
-    model.load_state_dict(payload["state_dict"])
+    missing = [key for key in ("backbone", "classes", "image_size", "state_dict") if key not in payload]
+    if missing:
+        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}")
+    classes, state = payload["classes"], payload["state_dict"]
+    if not isinstance(classes, list) or len(classes) < 2 or not isinstance(state, dict):
+        raise UserError(f"{path} is damaged: its class list or weights are not what a model file holds")
+    model = build_model(payload["backbone"], len(classes), "none", payload["image_size"], auxiliary_heads=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        head = state.get(f"net.{get_backbone(model.backbone).head}.weight")
+        if head is not None and head.shape[0] != len(classes):
+            raise UserError(f"{path} is damaged: its class list has {len(classes)} names but its head "
+                            f"{head.shape[0]} outputs") from None
+        raise UserError(f"{path} is damaged: its weights do not fit {model.backbone} "
+                        f"({str(err).splitlines()[0][:160]})") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, meta
@@ -377,43 +324,59 @@ def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
 
 def is_weights_cached(name: str) -> bool:
     """True when the ImageNet weights of `name` are already in the torch hub cache (no download needed)."""
-    url = tv_models.get_model_weights(name).DEFAULT.url
+    url = tv_models.get_model_weights(get_backbone(name).torchvision_name).DEFAULT.url
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file()
 
 
-def fetch_weights(name: str) -> None:
-    """Make sure the ImageNet weights of `name` are in the torch hub cache, downloading them if needed."""
-    backbone_spec(name)
-    if is_weights_cached(name):
-        return
-    try:
-        tv_models.get_model_weights(name).DEFAULT.get_state_dict(progress=True, check_hash=True)
-    except (OSError, http.client.HTTPException, RuntimeError) as err:
+def fetch_weights(names: str | Sequence[str], random_init_hint: str = "--set weights=none") -> None:
+    """Make sure the ImageNet weights of every backbone in `names` are in the torch hub cache.
+
+    Those that cannot be downloaded are named together in one UserError line, with the one command
+    that fetches them all and `random_init_hint`, the flag that trains without them.
+    """
+    names = [names] if isinstance(names, str) else list(dict.fromkeys(names))
+    failed, reason = [], ""
+    for name in names:
+        backbone = get_backbone(name)
+        if is_weights_cached(name):
+            continue
+        try:
+            tv_models.get_model_weights(backbone.torchvision_name).DEFAULT.get_state_dict(progress=True, check_hash=True)
+        except (OSError, http.client.HTTPException, RuntimeError) as err:
+            failed.append(name)
+            reason = reason or (str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__)
+    if failed:
         raise UserError(
-            f"cannot download the ImageNet weights of {name} ({err}); fetch them once on a connected "
-            f"machine with `python -m tune_inat.models fetch {name}` (stored in {torch.hub.get_dir()}/checkpoints), "
-            f"or use weights: none"
-        ) from err
+            f"cannot download the ImageNet weights of {', '.join(failed)} ({reason}); fetch them once on a connected "
+            f"machine with `python -m tune_inat.models fetch {' '.join(failed)}` (stored in "
+            f"{torch.hub.get_dir()}/checkpoints), or train from random init with `{random_init_hint}`"
+        )
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_inat.models", description="Backbones and their weights.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def models_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.models", "Backbones and their ImageNet weights.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="supported backbones, native input sizes, and whether weights are cached")
     fetch = sub.add_parser("fetch", help="download ImageNet weights into the torch cache (for offline use later)")
-    fetch.add_argument("backbones", nargs="+", metavar="BACKBONE")
-    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    fetch.add_argument("backbones", nargs="+", metavar="BACKBONE", choices=list(BACKBONES),
+                       help=f"one or more of: {', '.join(BACKBONES)}")
+    return parser
+
+
+def models_command(args: argparse.Namespace) -> int:
     if args.command == "list":
-        for name in BACKBONES:
+        for name, backbone in BACKBONES.items():
             cached = "cached" if is_weights_cached(name) else "not cached"
-            print(f"{name:20s} native {native_image_size(name)} px   ImageNet weights {cached}")
+            print(f"{name:20s} native {backbone.native_size} px   ImageNet weights {cached}")
         return 0
-    for name in args.backbones:
-        fetch_weights(name)
-        print(f"{name}: ImageNet weights in {torch.hub.get_dir()}/checkpoints")
+    fetch_weights(args.backbones, random_init_hint="weights: none")
+    print(f"ImageNet weights of {', '.join(args.backbones)} in {torch.hub.get_dir()}/checkpoints")
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(models_parser(), models_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

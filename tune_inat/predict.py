@@ -19,8 +19,9 @@ import torch
 from tune_inat.data.batches import center_crop
 from tune_inat.data.decode import decode_image, stored_size_for
 from tune_inat.data.folders import sniff_image_format
+from tune_inat.cli import command_parser, run_command
 from tune_inat.engine import resolve_device
-from tune_inat.errors import UserError, cli_main
+from tune_inat.errors import EXIT_USER_ERROR, UserError
 from tune_inat.models import FineTuneModel, load_model_file
 
 BATCH = 64
@@ -52,15 +53,18 @@ def classify(model: FineTuneModel, squares: np.ndarray, image_size: int, device:
     return np.concatenate(out)
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_inat.predict", description="Classify images with an exported tune-inat model.")
-    parser.add_argument("model", type=Path, metavar="MODEL")
-    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--top-k", type=int, default=3)
+def predict_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.predict", "Classify images with an exported tune-inat model.")
+    parser.add_argument("model", type=Path, metavar="MODEL", help="a model file written by final or train (model.pt)")
+    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched "
+                        "for images (by content)")
+    parser.add_argument("--top-k", type=int, default=3, help="classes shown per image, most probable first")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    return parser
+
+
+def predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     model, meta = load_model_file(args.model)
@@ -87,8 +91,12 @@ def main(argv: Sequence[str]) -> int:
             print(f"{result['file']}: {shown}")
     for line in failures:
         print(line, file=sys.stderr)
-    return 2 if failures else 0
+    return EXIT_USER_ERROR if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(predict_parser(), predict, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

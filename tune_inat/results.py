@@ -1,50 +1,52 @@
-"""What a search writes for people and pandas: `epochs.parquet`, `trials.parquet`, the leaderboard.
+"""What a search writes for people and pandas, and the one way to read and rank it. No Ray, no torch.
 
-`ParquetResults` is a Ray Tune callback running in the driver: every reported epoch becomes a
-row of `epochs.parquet` (a folder of immutable part files that pandas reads as one table) and
-updates its trial's row in `trials.parquet` (one file, replaced atomically), so `pd.read_parquet`
-works at any moment of a running search. On `--resume` it reloads both and keys rows by
-(trial_id, epoch), so nothing written is lost and no row is duplicated. The folder may be local
-or any URI pyarrow's filesystems handle (s3://, gs://).
+A search's results folder holds two Parquet tables, each a folder of immutable part files that
+pandas and pyarrow read as one table:
+
+- `epochs.parquet`: one row per trial and epoch, added as epochs are reported;
+- `trials.parquet`: one row per finished trial (completed, stopped early, failed), added when the
+  trial ends.
+
+Rows are only ever added, each part written under a hidden name and renamed into place, so a
+reader never meets a half-written or replaced file (pyarrow sizes a file when it lists it and
+opens it again to read: a file replaced in between reads as garbage). `search.json` records the
+search itself (space, metric, mode, data, seeds), so that `--resume`, `analyze` and `final` read
+the same search back. `rank_trials` is the only ordering of trials by "best".
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
-import netrc
 import os
 import time
 import uuid
-from dataclasses import fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
-from urllib.parse import urlparse
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray import tune
-from ray.air.integrations.wandb import WandbLoggerCallback
 
-from tune_inat.engine import FIELD_TYPES, TrainConfig
 from tune_inat.errors import UserError
-from tune_inat.trainable import TrialFailure
-
-log = logging.getLogger(__name__)
+from tune_inat.settings import FIELD_TYPES, TrainConfig, plain
 
 EPOCHS_FILE = "epochs.parquet"
 TRIALS_FILE = "trials.parquet"
+SEARCH_RECORD_FILE = "search.json"
+BEST_CONFIG_FILE = "best_config.yaml"
 _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
+FINISHED_STATUSES = ("completed", "stopped_early", "error")
 
 KEY_COLUMNS = [
     ("experiment", pa.string(), "search name (the results sub-folder)"),
     ("trial_id", pa.string(), "Ray Tune trial id"),
 ]
-CONFIG_COLUMNS = [(f.name, _ARROW[FIELD_TYPES[f.name]], "trial setting (see the settings table)") for f in fields(TrainConfig)]
+CONFIG_COLUMNS = [(name, _ARROW[kind], "trial setting (see the settings table)") for name, kind in FIELD_TYPES.items()]
 EPOCH_COLUMNS = [
     ("epoch", pa.int64(), "epoch number, from 1"),
     ("train_loss", pa.float64(), "mean training loss of the main head (label smoothing included)"),
@@ -56,11 +58,12 @@ EPOCH_COLUMNS = [
     ("images_per_second", pa.float64(), "training images per second"),
     ("peak_gpu_memory_mb", pa.float64(), "peak GPU memory of the trial in the epoch, MiB (NaN on CPU)"),
     ("gpu_share", pa.float64(), "share of a GPU Ray reserved for the trial (0 for CPU trials)"),
+    ("cpus", pa.float64(), "CPUs Ray reserved for the trial"),
     ("micro_batch_size", pa.int64(), "images per forward pass: batch_size, halved after an out-of-memory retry"),
-    ("timestamp", TIMESTAMP, "when the epoch was reported (UTC)"),
+    ("timestamp", TIMESTAMP, "when the trial reported the epoch (UTC)"),
 ]
 TRIAL_COLUMNS = [
-    ("status", pa.string(), "running, completed, stopped_early (by ASHA or the time budget), or error"),
+    ("status", pa.string(), "completed, stopped_early (by the scheduler), or error"),
     ("error", pa.string(), "one-line reason when status is error"),
     ("best_score", pa.float64(), "best value of the search metric over its epochs (val_acc by default)"),
     ("best_val_acc", pa.float64(), "best validation accuracy over its epochs"),
@@ -72,20 +75,33 @@ TRIAL_COLUMNS = [
     ("gpu_seconds", pa.float64(), "sum of epoch seconds times GPU share"),
     ("trainable_parameters", pa.int64(), "parameters that train (freeze_fraction decides)"),
     ("startup_seconds", pa.float64(), "trial start to first training step: model build, cache open, weights"),
-    ("started_at", TIMESTAMP, "first report or start (UTC)"),
-    ("ended_at", TIMESTAMP, "completion or error (UTC); null while running"),
+    ("started_at", TIMESTAMP, "when the trial started (UTC)"),
+    ("ended_at", TIMESTAMP, "when the trial ended (UTC)"),
 ]
 EPOCHS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in KEY_COLUMNS + CONFIG_COLUMNS + EPOCH_COLUMNS])
 TRIALS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in KEY_COLUMNS + CONFIG_COLUMNS + TRIAL_COLUMNS])
 
+# What the trainable reports each epoch, and where it lands: every key is a column of one table.
+REPORTED_EPOCH_KEYS = tuple(name for name, _, _ in EPOCH_COLUMNS if name != "timestamp")
+REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "startup_seconds", "started_at")
+REPORTED_TIME_KEY = "reported_at"  # unix seconds, becomes `timestamp`
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+
+def utc(seconds: float | None) -> datetime | None:
+    """Unix seconds as an aware UTC datetime (None stays None)."""
+    return None if seconds is None else datetime.fromtimestamp(float(seconds), timezone.utc)
+
+
+# -- locations --------------------------------------------------------------------------------
 
 
 def absolute_location(location: str) -> str:
     """A URI as given, a local path made absolute: Ray's storage reads a bare relative path as a URI."""
-    return location if "://" in location else os.path.abspath(location)
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def is_local(location: str) -> bool:
+    return "://" not in location or location.startswith("file://")
 
 
 def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -114,293 +130,274 @@ def check_writable(location: str, what: str) -> None:
         raise UserError(f"{what} {folder} is not writable ({err.strerror})") from err
 
 
-def write_table_atomic(table: pa.Table, filesystem: pafs.FileSystem, path: str) -> None:
-    """Write under a hidden temporary name, then rename: readers see the old file or the new one, never half.
+def file_exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
-    The temporary name starts with "." so pyarrow's dataset discovery (and pandas) skip it.
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def write_part(rows: list[dict[str, Any]], schema: pa.Schema, filesystem: pafs.FileSystem, folder: str) -> str:
+    """Add `rows` to the table folder `folder` as a new immutable part; returns its path.
+
+    Written under a hidden name (which readers skip) and renamed into place; a failed write
+    removes what it left, so a full disk never leaves a file that breaks a later read.
     """
+    filesystem.create_dir(folder, recursive=True)
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
+    temporary, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), temporary, filesystem=filesystem)
+        filesystem.move(temporary, final)
+    except BaseException:
+        try:
+            filesystem.delete_file(temporary)
+        except (OSError, pa.ArrowException):
+            pass
+        raise
+    return final
+
+
+def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
+    """Write a small text file whole: a hidden temporary file, then a rename."""
     folder, _, name = path.rpartition("/")
     temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, temporary, filesystem=filesystem)
-    filesystem.move(temporary, path)
-
-
-def read_table(filesystem: pafs.FileSystem, path: str) -> pa.Table | None:
-    if filesystem.get_file_info(path).type != pafs.FileType.File:
-        return None
-    return pq.read_table(path, filesystem=filesystem)
-
-
-def trial_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's full, typed settings (defaults filled in, aliases resolved)."""
     try:
-        return TrainConfig.from_dict(config, "trial").to_dict()
-    except UserError:  # never let a results row fail the search
-        return {k: config.get(k) for k in FIELD_TYPES}
-
-
-def error_reason(trial: Any) -> str:
-    """One line for why a trial failed, from the exception Ray saved with the trial."""
-    error = None
-    local = getattr(trial, "pickled_error_file", None)
-    try:
-        if local and os.path.isfile(local):  # written before this callback; the storage copy may lag
-            from ray import cloudpickle
-
-            with open(local, "rb") as f:
-                error = cloudpickle.load(f)
-        else:
-            error = trial.get_pickled_error()
-    except Exception:  # an unreadable error file must not hide the status
-        error = None
-    cause = getattr(error, "cause", None) or error
-    if cause is None:
-        return "error (see the trial's error.txt)"
-    if isinstance(cause, TrialFailure):  # already written as the line to show
-        return str(cause)[:300]
-    text = str(cause).strip().splitlines()
-    message = text[-1] if text else ""
-    return f"{type(cause).__name__}: {message}"[:300]
-
-
-class ParquetResults(tune.Callback):
-    """Keep `epochs.parquet` and `trials.parquet` of one experiment up to date as results arrive.
-
-    `epochs.parquet` is a folder of immutable part files (pandas and pyarrow read it as one
-    table): rows are only ever added, each part written under a hidden name and renamed into
-    place, so a reader never sees a half-written or replaced file; new rows land within
-    `flush_seconds`. `trials.parquet` (one row per trial, which changes as the trial runs) is one
-    file replaced atomically when a trial starts, ends or fails, and otherwise at most every
-    `trials_refresh_seconds`: pyarrow reads a file in two opens, so a replacement that falls
-    between them could confuse a reader, and rare replacements make that practically never happen.
-    """
-
-    def __init__(self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max",
-                 flush_seconds: float = 5.0, trials_refresh_seconds: float = 30.0) -> None:
-        self.folder = folder
-        self.experiment = experiment
-        self.metric = metric
-        self.mode = mode
-        self.flush_seconds = flush_seconds
-        self.trials_refresh_seconds = trials_refresh_seconds
-        self._epochs: dict[str, dict[int, dict[str, Any]]] = {}  # trial_id -> epoch -> row
-        self._trials: dict[str, dict[str, Any]] = {}
-        self._unwritten: list[dict[str, Any]] = []
-        self._trials_changed = False
-        self._last_epochs_flush = 0.0
-        self._last_trials_flush = 0.0
-
-    # -- Ray Tune hooks -------------------------------------------------------------------
-    def setup(self, **info: Any) -> None:
-        """Start from what is on disk, so a resumed search keeps every row and adds none twice."""
-        filesystem, folder = resolve_folder(self.folder)
-        filesystem.create_dir(f"{folder}/{EPOCHS_FILE}", recursive=True)
-        if not filesystem.get_file_info(pafs.FileSelector(f"{folder}/{EPOCHS_FILE}")):
-            # an empty first part, so readers get the typed columns before the first epoch ends
-            write_table_atomic(EPOCHS_SCHEMA.empty_table(), filesystem, f"{folder}/{EPOCHS_FILE}/part-0.parquet")
-        for row in read_epochs_table(filesystem, folder).to_pylist():
-            self._epochs.setdefault(row["trial_id"], {})[row["epoch"]] = row
-        trials = read_table(filesystem, f"{folder}/{TRIALS_FILE}")
-        for row in trials.to_pylist() if trials is not None else []:
-            self._trials[row["trial_id"]] = row
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial)
-        if row["status"] not in ("completed", "stopped_early"):
-            row.update(status="running", error=None, ended_at=None)
-        self._flush(force=True)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if "epoch" not in result:
-            return
-        epoch = int(result["epoch"])
-        known = self._epochs.setdefault(trial.trial_id, {})
-        if epoch not in known:  # an epoch re-run after a crash keeps its first record
-            row = {"experiment": self.experiment, "trial_id": trial.trial_id, **trial_settings(trial.config)}
-            row.update({name: result.get(name) for name, _, _ in EPOCH_COLUMNS if name != "timestamp"})
-            row["timestamp"] = _now()
-            known[epoch] = row
-            self._unwritten.append(row)
-        summary = self._trial_row(trial)
-        summary.update(
-            status="running",
-            max_epochs=result.get("max_epochs"),
-            wall_seconds=result.get("time_total_s"),
-            trainable_parameters=result.get("trainable_parameters"),
-            startup_seconds=result.get("startup_seconds"),
-        )
-        self._summarise(summary)
-        self._flush()
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        self._flush()  # rows never wait much longer than flush_seconds
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial)
-        self._summarise(row)
-        finished = row["epochs_run"] is not None and row["max_epochs"] is not None and row["epochs_run"] >= row["max_epochs"]
-        row.update(status="completed" if finished else "stopped_early", error=None, ended_at=_now())
-        self._flush(force=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial)
-        self._summarise(row)
-        row.update(status="error", error=error_reason(trial), ended_at=_now())
-        self._flush(force=True)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._flush(force=True)
-
-    # -- rows -------------------------------------------------------------------------------
-    def _trial_row(self, trial: Any) -> dict[str, Any]:
-        self._trials_changed = True
-        row = self._trials.get(trial.trial_id)
-        if row is None:
-            row = {name: None for name in TRIALS_SCHEMA.names}
-            row.update(experiment=self.experiment, trial_id=trial.trial_id, status="running", started_at=_now())
-            row.update(trial_settings(trial.config))
-            self._trials[trial.trial_id] = row
-        return row
-
-    def _summarise(self, row: dict[str, Any]) -> None:
-        epochs = [r for _, r in sorted(self._epochs.get(row["trial_id"], {}).items())]
-        if not epochs:
-            return
-        scores = [(r[self.metric], r["epoch"]) for r in epochs if r.get(self.metric) is not None and not math.isnan(r[self.metric])]
-        best = (max if self.mode == "max" else min)(scores) if scores else (None, None)
-        accuracies = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
-        row.update(
-            best_score=best[0],
-            best_val_acc=max(accuracies) if accuracies else None,
-            last_val_acc=epochs[-1].get("val_acc"),
-            best_epoch=best[1],
-            epochs_run=epochs[-1]["epoch"],
-            gpu_seconds=sum((r.get("epoch_seconds") or 0.0) * (r.get("gpu_share") or 0.0) for r in epochs),
-        )
-
-    def _flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        filesystem, folder = resolve_folder(self.folder)
+        with filesystem.open_output_stream(temporary) as out:
+            out.write(text.encode())
+        filesystem.move(temporary, path)
+    except BaseException:
         try:
-            if self._unwritten and (force or now - self._last_epochs_flush >= self.flush_seconds):
-                rows = sorted(self._unwritten, key=lambda r: (r["trial_id"], r["epoch"]))
-                write_table_atomic(
-                    pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA), filesystem,
-                    f"{folder}/{EPOCHS_FILE}/part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet",
-                )
-                self._unwritten = []
-                self._last_epochs_flush = now
-            if self._trials_changed and (force or now - self._last_trials_flush >= self.trials_refresh_seconds):
-                trials = sorted(self._trials.values(), key=lambda r: r["trial_id"])
-                write_table_atomic(pa.Table.from_pylist(trials, schema=TRIALS_SCHEMA), filesystem, f"{folder}/{TRIALS_FILE}")
-                self._trials_changed = False
-                self._last_trials_flush = now
-        except (OSError, pa.ArrowException) as err:  # a full disk must not kill the search; rows stay buffered
-            log.warning("could not write results to %s: %s", self.folder, err)
+            filesystem.delete_file(temporary)
+        except (OSError, pa.ArrowException):
+            pass
+        raise
 
 
-def read_epochs_table(filesystem: pafs.FileSystem, folder: str) -> pa.Table:
-    """All rows of `<folder>/epochs.parquet` (a folder of part files), with the documented schema."""
-    path = f"{folder}/{EPOCHS_FILE}"
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return EPOCHS_SCHEMA.empty_table()
-    return pq.read_table(path, filesystem=filesystem, schema=EPOCHS_SCHEMA)
+# -- reading ----------------------------------------------------------------------------------
 
 
-def read_results(folder: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(epochs, trials) DataFrames of one results folder (local or URI)."""
+def table_parts(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """The visible part files of a table folder, in the order they were written."""
+    if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    infos = filesystem.get_file_info(pafs.FileSelector(folder))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+
+
+def read_part(filesystem: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
+    """One part (or an older single-file table), through one open handle; a damaged file is one UserError."""
+    try:
+        with filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle)
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DamagedFile(path, f"not a readable Parquet file of this table ({reason[:150]})") from None
+
+
+class DamagedFile(UserError):
+    """A results file a crash or a person damaged: names the file and the problem."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+def read_table_folder(filesystem: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
+    """Every row of a table folder (or of an older single-file table) with the documented schema."""
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return read_part(filesystem, path, schema)
+    parts = [read_part(filesystem, part, schema) for part in table_parts(filesystem, path)]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    """One search's tables and record, as read back: what analyze, final and the summary use."""
+
+    folder: str
+    epochs: pd.DataFrame
+    trials: pd.DataFrame  # finished trials, then unfinished ones summarised from their epochs
+    metric: str
+    mode: str
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.folder.rstrip("/").rpartition("/")[2]
+
+    def ranked(self) -> pd.DataFrame:
+        return rank_trials(self.trials, self.mode)
+
+
+def read_results(folder: str) -> SearchResults:
+    """The results of one search (local folder or URI); damaged files are one line naming the file."""
     filesystem, path = resolve_folder(folder)
-    trials = read_table(filesystem, f"{path}/{TRIALS_FILE}")
-    if trials is None:
-        raise UserError(f"{folder} holds no search results ({TRIALS_FILE} missing)")
-    return read_epochs_table(filesystem, path).to_pandas(), trials.to_pandas()
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        raise UserError(f"results folder {folder} does not exist")
+    record = read_search_record(folder) if file_exists(filesystem, f"{path}/{SEARCH_RECORD_FILE}") else {}
+    if not file_exists(filesystem, f"{path}/{EPOCHS_FILE}") and not file_exists(filesystem, f"{path}/{TRIALS_FILE}"):
+        raise UserError(f"{folder} holds no search results ({EPOCHS_FILE} and {TRIALS_FILE} missing)")
+    metric, mode = record.get("metric", "val_acc"), record.get("mode", "max")
+    epochs = read_table_folder(filesystem, f"{path}/{EPOCHS_FILE}", EPOCHS_SCHEMA).to_pandas()
+    epochs = epochs.sort_values(["trial_id", "epoch", "timestamp"]).drop_duplicates(["trial_id", "epoch"])
+    finished = read_table_folder(filesystem, f"{path}/{TRIALS_FILE}", TRIALS_SCHEMA).to_pandas()
+    finished = finished.sort_values("ended_at").drop_duplicates("trial_id", keep="last")
+    unfinished = [
+        unfinished_trial_row(rows.to_dict("records"), metric, mode)
+        for trial_id, rows in epochs.groupby("trial_id", sort=True) if trial_id not in set(finished["trial_id"])
+    ]
+    trials = finished
+    if unfinished:
+        extra = pa.Table.from_pylist(unfinished, schema=TRIALS_SCHEMA).to_pandas()
+        trials = pd.concat([finished, extra], ignore_index=True) if len(finished) else extra
+    return SearchResults(folder, epochs.reset_index(drop=True), trials.reset_index(drop=True), metric, mode, record)
+
+
+# -- one trial's summary, from its epoch rows -----------------------------------------------------
+
+
+def summarise_epochs(epochs: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """The trials-table fields that follow from a trial's epoch rows (sorted by epoch)."""
+    if not epochs:
+        return {}
+
+    def number(value: Any) -> float | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    scores = [(number(r.get(metric)), int(r["epoch"])) for r in epochs if number(r.get(metric)) is not None]
+    if scores:
+        best = max(scores, key=lambda s: (s[0], -s[1])) if mode == "max" else min(scores, key=lambda s: (s[0], s[1]))
+    else:
+        best = (None, None)
+    accuracies = [number(r.get("val_acc")) for r in epochs if number(r.get("val_acc")) is not None]
+    return {
+        "best_score": best[0],
+        "best_val_acc": max(accuracies) if accuracies else None,
+        "last_val_acc": number(epochs[-1].get("val_acc")),
+        "best_epoch": best[1],
+        "epochs_run": int(epochs[-1]["epoch"]),
+        "gpu_seconds": sum((r.get("epoch_seconds") or 0.0) * (r.get("gpu_share") or 0.0) for r in epochs),
+    }
+
+
+def unfinished_trial_row(epochs: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """A provisional trials row for a trial still running (or interrupted): status "unfinished"."""
+    first = epochs[0]
+    row = {name: first.get(name) for name in TRIALS_SCHEMA.names if name in first and name not in ("status",)}
+    row.update(summarise_epochs(epochs, metric, mode), status="unfinished")
+    return row
+
+
+# -- ranking: the one definition of "best" ---------------------------------------------------------
+
+
+def rank_trials(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Trials from best to worst by their best value of the search metric (`best_score`), in the search's mode.
+
+    Ties go to the trial that reached its score in fewer epochs, then to the older trial id, so
+    the order (and the winner) never depends on the order rows were written. Trials without a
+    score come last.
+    """
+    ranked = trials.assign(_unscored=trials["best_score"].isna(),
+                           _score=trials["best_score"] if mode == "min" else -trials["best_score"])
+    ranked = ranked.sort_values(["_unscored", "_score", "best_epoch", "trial_id"], na_position="last", kind="stable")
+    return ranked.drop(columns=["_unscored", "_score"]).reset_index(drop=True)
+
+
+def best_trial(trials: pd.DataFrame, mode: str, completed_only: bool = False) -> pd.Series | None:
+    """The best scored trial (completed ones only if asked), or None."""
+    pool = trials[trials["status"] == "completed"] if completed_only else trials
+    pool = pool.dropna(subset=["best_score"])
+    return None if pool.empty else rank_trials(pool, mode).iloc[0]
 
 
 def leaderboard(trials: pd.DataFrame, columns: Iterable[str], mode: str = "max", top: int = 10) -> pd.DataFrame:
-    """The best `top` trials by their best value of the search metric, with the searched settings."""
-    ranked = trials.sort_values("best_score", ascending=(mode == "min"), na_position="last")
-    shown = ["trial_id", *[c for c in columns if c in ranked.columns], "best_val_acc", "epochs_run", "max_epochs", "status"]
+    """The best `top` trials, with the searched settings."""
+    ranked = rank_trials(trials, mode)
+    shown = ["trial_id", *[c for c in columns if c in ranked.columns], "best_score", "best_val_acc", "epochs_run",
+             "max_epochs", "status"]
     return ranked[shown].head(top).reset_index(drop=True)
 
 
-def format_leaderboard(board: pd.DataFrame) -> str:
-    """A plain-text table: accuracy in %, floats short, status spelled out."""
-    table = board.copy()
-    table["best_val_acc"] = (100 * table["best_val_acc"]).map(lambda v: f"{v:.1f}%" if pd.notna(v) else "-")
+def percent(value: Any) -> str:
+    """An accuracy (0..1) as people read it: one decimal and a percent sign; "-" when missing."""
+    return "-" if value is None or pd.isna(value) else f"{100 * float(value):.1f}%"
+
+
+def format_value(value: Any, column: str) -> str:
+    """A table cell as people read it: accuracies (any column named *acc*) in %, one decimal; floats short."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    if "acc" in column and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return percent(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def name_scores(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`best_score` named for what it is (best_val_loss, ...); dropped where it repeats best_val_acc."""
+    if "best_score" not in frame:
+        return frame
+    if metric == "val_acc" and "best_val_acc" in frame:
+        return frame.drop(columns=["best_score"])
+    return frame.rename(columns={"best_score": f"best_{metric}"})
+
+
+def format_leaderboard(board: pd.DataFrame, metric: str = "val_acc") -> str:
+    """A plain-text table: accuracies in %, floats short, epochs as run/max."""
+    table = name_scores(board, metric)
     table["epochs"] = [f"{r}/{m}" if pd.notna(r) else "-" for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))]
     for column in table.columns:
-        if pd.api.types.is_float_dtype(table[column]):
-            table[column] = table[column].map(lambda v: f"{v:.3g}")
+        table[column] = [format_value(v, column) for v in table[column]]
     table.index = range(1, len(table) + 1)
     return table.to_string()
 
 
-def wandb_is_logged_in() -> bool:
-    """True when wandb has an API key: WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes.
+# -- the search record: search.json --------------------------------------------------------------
 
-    Read without wandb's own API, which may reach for the network; the key itself is never shown.
-    """
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+
+def write_search_record(folder: str, record: dict[str, Any]) -> None:
+    filesystem, path = resolve_folder(folder)
+    filesystem.create_dir(path, recursive=True)
+    write_text(filesystem, f"{path}/{SEARCH_RECORD_FILE}", json.dumps(record, indent=2))
+
+
+def read_search_record(folder: str) -> dict[str, Any]:
+    """search.json of a results folder; missing or damaged is one UserError naming the file."""
+    filesystem, path = resolve_folder(folder)
+    where = f"{folder.rstrip('/')}/{SEARCH_RECORD_FILE}"
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+        with filesystem.open_input_stream(f"{path}/{SEARCH_RECORD_FILE}") as stream:
+            text = stream.read().decode()
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {SEARCH_RECORD_FILE}: it was not written by a tune-inat search") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DamagedFile(where, f"cannot be read ({str(err).splitlines()[0][:120]})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DamagedFile(where, f"damaged JSON ({err.msg} at line {err.lineno})") from None
+    required = ("metric", "mode", "data_root", "cache_dir", "val_fraction", "test_fraction", "split_seed")
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        missing = [key for key in required if not isinstance(record, dict) or key not in record]
+        raise DamagedFile(where, f"not a search record (missing {', '.join(missing[:3])})")
+    if record["mode"] not in ("max", "min"):
+        raise DamagedFile(where, f"mode must be max or min, got {record['mode']!r}")
+    return record
 
 
-class TolerantWandbCallback(WandbLoggerCallback):
-    """Ray's WandbLoggerCallback where wandb trouble (no network, bad key, full disk) is a warning, never a failed search."""
-
-    _broken = False
-
-    def _guard(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self._broken:
-            return
-        try:
-            getattr(super(), method)(*args, **kwargs)
-        except Exception as err:
-            self._broken = True
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            log.warning("wandb logging turned off for this search: %s", reason)
-
-    def setup(self, *args: Any, **kwargs: Any) -> None:
-        self._guard("setup", *args, **kwargs)
-
-    def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
-        # Ray hands wandb the trial's staging folder, which it copies to the results folder when the
-        # trial ends, possibly before wandb has flushed its last records. With local storage, write
-        # the run straight into the trial's results folder instead, so nothing is lost.
-        if isinstance(trial.storage.storage_filesystem, pafs.LocalFileSystem):
-            wandb_init_kwargs["dir"] = trial.storage.trial_fs_path
-        super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
-
-    def log_trial_start(self, trial: Any) -> None:
-        self._guard("log_trial_start", trial)
-
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        self._guard("log_trial_result", iteration, trial, result)
-
-    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        self._guard("log_trial_end", trial, failed)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._guard("on_experiment_end", trials, **info)
+def config_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings columns of a row as plain Python values."""
+    return {name: plain(row[name]) for name in FIELD_TYPES if name in row}
 
 
-def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
-    """One wandb run per trial, grouped by experiment, config logged, step = epoch (one report per epoch).
-
-    The caller sets WANDB_MODE=offline in the driver's environment before Ray starts when there
-    is no API key (see `search.configure_wandb`).
-    """
-    return TolerantWandbCallback(
-        project=project,
-        group=experiment,
-        log_config=False,
-        upload_timeout=300,  # at the end, wait at most this long for the runs to be written or uploaded
-        excludes=["pid", "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
-                  "checkpoint_dir_name", "timestamp"],
-        resume="allow",  # a restored trial continues its run (same id) instead of clashing with it
-        job_type="trial",
-    )
+def typed_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's full, typed settings (defaults filled in, aliases resolved), never failing a results row."""
+    try:
+        return TrainConfig.from_dict(dict(config), "trial").to_dict()
+    except UserError:
+        return {k: config.get(k) for k in FIELD_TYPES}

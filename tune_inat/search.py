@@ -1,36 +1,125 @@
 """`python -m tune_inat.search`: the product's main job, a Ray Tune search over fine-tuning recipes.
 
-space file + CLI -> validated SearchSpec -> data cached once per resolution -> resources planned
-against the Ray cluster -> Tuner (ASHA, Optuna TPE, Parquet + wandb callbacks) or Tuner.restore
--> leaderboard, best_config.yaml, paths of everything written.
+Read top to bottom, like a Ray Tune example's `main`:
+claim the search's name (a lock; a new name, or the same search to resume) -> plan (the space
+file and flags, or on --resume the saved search) -> prepare the data (decode-once caches, weights)
+-> connect to Ray and plan resources -> build (or restore) the Tuner -> run -> complete the
+results from what Ray recorded -> summarise, write best_config.yaml, exit with a code that says
+what happened (0 done, 1 the search failed, 2 bad input, 130 interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from tune_inat.cli import add_data_arguments, data_config_from_args, setup_logging
+from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
-from tune_inat.errors import EXIT_INTERRUPTED, UserError, cli_main
-from tune_inat.models import fetch_weights
-from tune_inat.space import SCHEDULERS, SEARCHERS, SearchSpec, load_space, parse_duration, with_fixed, with_overrides
+from tune_inat.errors import EXIT_INTERRUPTED, EXIT_SEARCH_FAILED, UserError
+from tune_inat.lock import SearchLock
+from tune_inat.results import (
+    BEST_CONFIG_FILE, EPOCHS_FILE, SEARCH_RECORD_FILE, TRIALS_FILE, absolute_location, best_trial, check_writable,
+    file_exists, format_leaderboard, is_local, leaderboard, read_results, read_search_record, resolve_folder,
+    write_search_record, write_text,
+)
+from tune_inat.settings import settings_of_row, settings_yaml
+from tune_inat.space import SearchSpec, differences, load_space, parse_duration, spec_from_dict, with_fixed, with_overrides
+from tune_inat.strategies import SCHEDULERS, SEARCHERS
 
 log = logging.getLogger(__name__)
 
-BEST_CONFIG_FILE = "best_config.yaml"
+TUNER_FILE = "tuner.pkl"
+
+
+# -- where a search lives, and who may use it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchPlace:
+    """One search's two folders: the results (Parquet, search.json) and Ray's experiment state."""
+
+    name: str
+    results: str  # results folder: local path or URI
+    experiment: str  # Ray's experiment folder: absolute path or URI
+
+    @classmethod
+    def of(cls, results_root: str, name: str, storage_root: str | None = None) -> SearchPlace:
+        storage = absolute_location(storage_root or results_root).rstrip("/")
+        return cls(name, f"{absolute_location(results_root).rstrip('/')}/{name}", f"{storage}/{name}")
+
+    def has(self, folder: str, name: str) -> bool:
+        filesystem, path = resolve_folder(folder)
+        return file_exists(filesystem, f"{path}/{name}")
+
+    def holds_a_search(self) -> bool:
+        """Anything a search leaves: its record, a table, Ray's state."""
+        return any(self.has(self.results, n) for n in (SEARCH_RECORD_FILE, EPOCHS_FILE, TRIALS_FILE)) \
+            or self.has(self.experiment, TUNER_FILE)
+
+    def lock(self) -> SearchLock | None:
+        """A lock on the first local folder of the two; None when both are object storage."""
+        for folder in (self.results, self.experiment):
+            if is_local(folder):
+                return SearchLock(Path(folder.removeprefix("file://")), self.name)
+        return None
+
+
+class Claim:
+    """Hold a search's name for as long as it runs: one search per name, a new name never reused."""
+
+    def __init__(self, place: SearchPlace, resume: bool) -> None:
+        self.place = place
+        self.resume = resume
+        self._lock = place.lock()
+
+    def __enter__(self) -> Claim:
+        if self._lock is None:
+            log.warning("warning: %s cannot be locked (object storage): make sure no other search uses the name %s",
+                        self.place.results, self.place.name)
+        else:
+            self._lock.acquire()
+        if not self.resume and self.place.holds_a_search():
+            self.__exit__(None, None, None)
+            raise UserError(f"{self.place.results} already holds a search named {self.place.name}; continue it with "
+                            f"--resume --name {self.place.name}, or start a new one with another --name")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
+def new_name(spec: SearchSpec, results_root: str, storage_root: str | None) -> str:
+    """`<space>-<time>`, with a suffix if a search already has that name."""
+    stem = f"{Path(spec.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ("", *(f"-{i}" for i in range(2, 100))):
+        if not SearchPlace.of(results_root, stem + suffix, storage_root).holds_a_search():
+            return stem + suffix
+    raise UserError(f"too many searches named {stem}-* in {results_root}; pass --name")
+
+
+def newest_search(stem: str, results_root: str) -> str:
+    """The most recent search of a space in a local results folder (for --resume without --name)."""
+    if not is_local(results_root):
+        raise UserError("--resume with a remote --results needs --name")
+    candidates = sorted(Path(absolute_location(results_root)).glob(f"{stem}-*/{SEARCH_RECORD_FILE}"),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"nothing to resume: no {stem}-* search in {results_root} (pass --name NAME)")
+    return candidates[-1].parent.name
+
+
+# -- planning: what to search, and with which resources ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -65,8 +154,7 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool =
     )
     if fits == 0:
         raise UserError(f"no node has {cpus:g} CPUs and {gpus:g} GPUs free for one trial")
-    trials = 1 if spec.searcher == "grid" else options.num_samples
-    max_concurrent = options.max_concurrent_trials or max(1, min(fits, trials if spec.searcher != "grid" else fits))
+    max_concurrent = options.max_concurrent_trials or max(1, fits if spec.expands_grid else min(fits, options.num_samples))
     return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
 
 
@@ -78,10 +166,11 @@ def local_node_resources() -> dict[str, float]:
 
 
 def prefetch_weights(spec: SearchSpec) -> None:
-    """Download ImageNet weights once in the driver (a clear error offline), never in trials."""
+    """Download ImageNet weights once in the driver (one clear line offline, naming all), never in trials."""
+    from tune_inat.models import fetch_weights
+
     if "imagenet" in spec.values_of("weights"):
-        for backbone in spec.values_of("backbone"):
-            fetch_weights(backbone)
+        fetch_weights(spec.values_of("backbone"), random_init_hint="--set weights=none")
 
 
 def prepare_data(spec: SearchSpec, data_config: DataConfig) -> dict[int, TrainValData]:
@@ -89,35 +178,15 @@ def prepare_data(spec: SearchSpec, data_config: DataConfig) -> dict[int, TrainVa
     return {size: prepare_train_val(data_config, size) for size in sorted(spec.image_sizes())}
 
 
-def experiment_name(spec: SearchSpec, results_root: str, name: str | None, resume: bool) -> str:
-    """The given name; for --resume without one, the newest restorable search of this space."""
-    stem = Path(spec.source).stem
-    if name:
-        return name
-    if not resume:
-        return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if "://" in results_root:
-        raise UserError("--resume with a remote --storage-path needs --name")
-    candidates = sorted(Path(results_root).glob(f"{stem}-*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise UserError(f"nothing to resume: no {stem}-* search in {results_root}")
-    return candidates[-1].parent.name
-
-
-def write_search_info(folder: str, spec: SearchSpec, data_config: DataConfig) -> None:
-    """search.json: what `tune_inat.final` needs to rebuild the same splits (data, seeds, metric)."""
-    from tune_inat.results import resolve_folder
-
-    info = {
-        "space": spec.source, "metric": spec.metric, "mode": spec.mode, "searched": searched_settings(spec),
+def search_record(spec: SearchSpec, data_config: DataConfig, place: SearchPlace) -> dict[str, Any]:
+    """search.json: the search itself, so that --resume, analyze and final read the same search back."""
+    return {
+        "name": place.name, "space": spec.source, "metric": spec.metric, "mode": spec.mode,
+        "searched": spec.searched(), "seed": spec.options.seed, "experiment_path": place.experiment,
         "data_root": str(data_config.root), "cache_dir": str(data_config.cache_dir),
         "val_fraction": data_config.val_fraction, "test_fraction": data_config.test_fraction,
-        "split_seed": data_config.split_seed, "seed": spec.options.seed,
+        "split_seed": data_config.split_seed, "spec": spec.to_dict(),
     }
-    filesystem, path = resolve_folder(folder)
-    filesystem.create_dir(path, recursive=True)
-    with filesystem.open_output_stream(f"{path}/search.json") as out:
-        out.write(json.dumps(info, indent=2).encode())
 
 
 def trial_name(trial: Any) -> str:
@@ -126,8 +195,96 @@ def trial_name(trial: Any) -> str:
     return f"trial_{int(number):03d}_{trial.trial_id}" if number.isdigit() else f"trial_{trial.trial_id}"
 
 
-def searched_settings(spec: SearchSpec) -> list[str]:
-    return [name for name, p in spec.parameters.items() if not p.is_fixed]
+# -- running ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchOutcome:
+    """How a search run ended, from what Ray saved and what the results tables hold."""
+
+    place: SearchPlace
+    grid: Any  # Ray's ResultGrid, or None when nothing ran
+    unfinished: int  # trials left to run (interrupted)
+    unwritten: int  # result rows that could not be written
+    unwritten_message: str = ""
+
+
+def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources: TrialResources, *,
+                wandb_project: str | None, verbose: int) -> Any:
+    """A new Tuner: the space's searcher and scheduler, Parquet (+ wandb) callbacks, a checkpoint per epoch."""
+    from ray import tune
+
+    from tune_inat.callbacks import ParquetResults, wandb_callback
+    from tune_inat.space import searched_tune_space
+    from tune_inat.strategies import scheduler_entry, searcher_entry
+
+    searcher = searcher_entry(spec.searcher)
+    searched = searched_tune_space(spec)
+    param_space = {**spec.fixed(), "seed": spec.fixed().get("seed", spec.options.seed)}
+    if searcher.expands_grid:
+        param_space.update(searched)  # the variant generator expands the grid from the param space
+    storage_root, _, name = place.experiment.rpartition("/")
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=searcher.build(spec, searched),
+            scheduler=scheduler_entry(spec.options.scheduler).build(spec),
+            num_samples=1 if searcher.expands_grid else spec.options.num_samples,
+            max_concurrent_trials=resources.max_concurrent,
+            time_budget_s=spec.options.time_budget_s,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_root,
+            callbacks=[
+                ParquetResults(place.results, place.name, spec.metric, spec.mode),
+                *([wandb_callback(wandb_project, place.name)] if wandb_project else []),
+            ],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode
+            ),  # the best checkpoint, and Ray always keeps the latest too
+            failure_config=tune.FailureConfig(max_failures=spec.options.max_failures),
+            verbose=verbose,
+            progress_reporter=tune.CLIReporter(
+                parameter_columns=spec.searched(),
+                metric_columns=["epoch", "train_loss", "val_loss", "val_acc"],
+                sort_by_metric=True,
+                max_progress_rows=15,
+                max_error_rows=5,
+                max_report_frequency=30,
+            ),  # one status table every 30 s (used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets)
+        ),
+    )
+
+
+def restore_tuner(place: SearchPlace, trainable: Any) -> Any:
+    """The interrupted search's Tuner; damaged state is one line."""
+    from ray import tune
+
+    try:
+        return tune.Tuner.restore(place.experiment, trainable, resume_unfinished=True, resume_errored=False)
+    except Exception as err:  # Ray raises many kinds for a damaged experiment folder
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot resume {place.name}: Ray's experiment state in {place.experiment} is damaged "
+                        f"({reason}); its results stay in {place.results}; start a new search with another --name") from None
+
+
+def saved_trials(place: SearchPlace) -> list[Any]:
+    """The trials as Ray last saved them (an interrupted trial stays unfinished there)."""
+    from ray import tune
+
+    if not place.has(place.experiment, TUNER_FILE):
+        return []
+    try:
+        return list(tune.ExperimentAnalysis(place.experiment).trials)
+    except Exception as err:  # no experiment state yet, or a damaged one: nothing more to recover
+        log.debug("no saved trials in %s: %s", place.experiment, err)
+        return []
 
 
 def run_search(
@@ -141,136 +298,107 @@ def run_search(
     resume: bool = False,
     wandb_project: str | None = None,
     verbose: int = 1,
-    faults: tuple = (),
-) -> Any:
-    """Run (or resume) the search on the already-initialised Ray cluster; returns the ResultGrid."""
+    before_epoch: Any = None,
+) -> SearchOutcome:
+    """Claim the name, run (or resume) the search on the already-initialised Ray, complete its results."""
+    place = SearchPlace.of(results_root, name, storage_root)
+    with Claim(place, resume):
+        return execute(spec, data_config, data_by_size, place, resume=resume, wandb_project=wandb_project,
+                       verbose=verbose, before_epoch=before_epoch)
+
+
+def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, TrainValData], place: SearchPlace, *,
+            resume: bool, wandb_project: str | None, verbose: int, before_epoch: Any = None) -> SearchOutcome:
+    """Run or resume the search (its name already claimed); then make the tables hold everything Ray recorded."""
     import ray
     from ray import tune
 
-    from tune_inat.results import ParquetResults, absolute_location, wandb_callback
-    from tune_inat.searchers import make_scheduler, make_searcher, num_samples
-    from tune_inat.space import to_tune_space
+    from tune_inat.callbacks import complete_results, unwritten_message
     from tune_inat.trainable import TrialContext, fine_tune_trial
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     resources = plan_resources(spec, nodes)
-    storage = absolute_location(storage_root or results_root)
-    if len(nodes) > 1 and "://" not in storage:
+    if len(nodes) > 1 and is_local(place.experiment):
         log.warning("warning: %d nodes share this search: %s must be a folder every node mounts (NFS), "
-                    "or pass --storage-path s3://... / gs://...", len(nodes), storage)
-    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs, faults=faults)
+                    "or pass --storage-path s3://... / gs://...", len(nodes), place.experiment)
+    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs,
+                           before_epoch=before_epoch)
     trainable = tune.with_resources(
         tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
     )
-    experiment_path = f"{storage.rstrip('/')}/{name}"
     if resume:
-        if not tune.Tuner.can_restore(experiment_path):
-            raise UserError(f"nothing to resume at {experiment_path}")
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
-    write_search_info(f"{results_root.rstrip('/')}/{name}", spec, data_config)
-    param_space = to_tune_space(spec)
-    param_space.setdefault("seed", spec.options.seed)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
-            search_alg=make_searcher(spec),
-            scheduler=make_scheduler(spec),
-            num_samples=num_samples(spec),
-            max_concurrent_trials=resources.max_concurrent,
-            time_budget_s=spec.options.time_budget_s,
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            callbacks=[
-                ParquetResults(f"{results_root.rstrip('/')}/{name}", name, spec.metric, spec.mode),
-                *([wandb_callback(wandb_project, name)] if wandb_project else []),
-            ],
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode
-            ),  # the best checkpoint, and Ray always keeps the latest too
-            failure_config=tune.FailureConfig(max_failures=spec.options.max_failures),
-            verbose=verbose,
-            progress_reporter=tune.CLIReporter(
-                parameter_columns=searched_settings(spec),
-                metric_columns=["epoch", "train_loss", "val_loss", "val_acc"],
-                sort_by_metric=True,
-                max_progress_rows=15,
-                max_error_rows=5,
-                max_report_frequency=30,
-            ),  # one status table every 30 s (used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets)
-        ),
-    )
-    return tuner.fit()
+        tuner = restore_tuner(place, trainable)
+    else:
+        write_search_record(place.results, search_record(spec, data_config, place))
+        tuner = build_tuner(spec, trainable, place, resources, wandb_project=wandb_project, verbose=verbose)
+    grid = tuner.fit()
+    trials = saved_trials(place)
+    results = complete_results(place.results, place.name, spec.metric, spec.mode, trials)
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    if not spec.expands_grid and not spec.options.time_budget_s:
+        unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
+    return SearchOutcome(place, grid, unfinished, results.pending,
+                         unwritten_message(results) if results.pending else "")
 
 
-def summarise(spec: SearchSpec, folder: str, data_root: Path) -> str:
-    """Leaderboard, what ASHA saved, the best config written as YAML, and the paths; as text."""
-    from tune_inat.results import format_leaderboard, leaderboard, read_results, resolve_folder
+# -- after the search ------------------------------------------------------------------------------
 
-    epochs, trials = read_results(folder)
-    lines = []
+
+def write_best_config(place: SearchPlace, mode: str) -> str | None:
+    """best_config.yaml: the best trial's recipe, which `python -m tune_inat.train --config` re-runs."""
+    results = read_results(place.results)
+    best = best_trial(results.trials, mode)
+    if best is None:
+        return None
+    settings = settings_of_row(best, f"trial {best['trial_id']}")
+    header = (f"best of search {place.name}: trial {best['trial_id']}, {results.metric} {best['best_score']:.4g} "
+              f"(val_acc {100 * best['best_val_acc']:.1f}%) at epoch {int(best['best_epoch'])}")
+    filesystem, path = resolve_folder(place.results)
+    write_text(filesystem, f"{path}/{BEST_CONFIG_FILE}", settings_yaml(settings, header))
+    return f"{place.results}/{BEST_CONFIG_FILE}"
+
+
+def summary(place: SearchPlace, data_root: Path, best_config: str | None) -> str:
+    """Leaderboard, what early stopping saved, the best trial, and the paths of what was written."""
+    results = read_results(place.results)
+    trials = results.trials
     if trials.empty:
         return "no trial finished an epoch"
-    board = leaderboard(trials, searched_settings(spec), spec.mode)
-    lines.append(f"Leaderboard: top {len(board)} of {len(trials)} trials by {spec.metric}")
-    lines.append(format_leaderboard(board))
+    board = leaderboard(trials, results.record.get("searched", []), results.mode)
+    lines = [f"Leaderboard: top {len(board)} of {len(trials)} trials by {results.metric}",
+             format_leaderboard(board, results.metric)]
     stopped = int((trials["status"] == "stopped_early").sum())
     errors = int((trials["status"] == "error").sum())
     budget = int(trials["max_epochs"].fillna(0).sum())
-    lines.append(
-        f"{stopped} of {len(trials)} trials stopped early; {len(epochs)} of {budget} trial-epochs run"
-        + (f"; {errors} trials failed (see the error column of trials.parquet)" if errors else "")
-    )
-    scored = trials.dropna(subset=["best_score"])
-    if scored.empty:
-        return "\n".join(lines + ["no trial reported a score"])
-    best = scored.sort_values("best_score", ascending=(spec.mode == "min")).iloc[0]
-    settings = {name: _plain(best[name]) for name in _settings_columns()}
-    settings["epochs"] = int(best["max_epochs"]) if best["max_epochs"] == best["max_epochs"] else settings["epochs"]
-    filesystem, path = resolve_folder(folder)
-    with filesystem.open_output_stream(f"{path}/{BEST_CONFIG_FILE}") as out:
-        header = f"# best of search {best['experiment']}: trial {best['trial_id']}, val_acc {100 * best['best_val_acc']:.1f}%\n"
-        out.write((header + yaml.safe_dump(settings, sort_keys=False)).encode())
-    lines.append(
-        f"Best: trial {best['trial_id']}, val_acc {100 * best['best_val_acc']:.1f}% at epoch {int(best['best_epoch'])}"
-    )
+    lines.append(f"{stopped} of {len(trials)} trials stopped early; {len(results.epochs)} of {budget} trial-epochs run"
+                 + (f"; {errors} trials failed (see the error column of trials.parquet)" if errors else ""))
+    best = best_trial(trials, results.mode)
+    if best is not None:
+        lines.append(f"Best: trial {best['trial_id']} ({best['backbone']}), val_acc {100 * best['best_val_acc']:.1f}% "
+                     f"at epoch {int(best['best_epoch'])}")
     lines.append("Written:")
-    lines.append(f"  {folder}/trials.parquet    one row per trial")
-    lines.append(f"  {folder}/epochs.parquet    one row per trial and epoch")
-    lines.append(f"  {folder}/{BEST_CONFIG_FILE}  re-run it: python -m tune_inat.train --data {data_root} --config {folder}/{BEST_CONFIG_FILE}")
+    filesystem, path = resolve_folder(place.results)
+    for name, what in ((TRIALS_FILE, "one row per trial"), (EPOCHS_FILE, "one row per trial and epoch")):
+        if file_exists(filesystem, f"{path}/{name}"):
+            lines.append(f"  {place.results}/{name}    {what}")
+    if best_config and file_exists(filesystem, f"{path}/{BEST_CONFIG_FILE}"):
+        lines.append(f"  {best_config}  re-run it: python -m tune_inat.train --data {data_root} --config {best_config}")
+    lines.append("Next:")
+    lines.append(f"  python -m tune_inat.analyze {place.results}     tables, plots, report.md")
+    lines.append(f"  python -m tune_inat.final {place.results}       confirm the best, re-train, test once, export")
     return "\n".join(lines)
 
 
-def _settings_columns() -> list[str]:
-    from tune_inat.engine import FIELD_TYPES
-
-    return list(FIELD_TYPES)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python, for YAML."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def unfinished_trials(experiment_path: str, spec: SearchSpec) -> int:
-    """How many trials an ended search left to do, from the experiment state on disk (what --resume reads).
-
-    After Ctrl-C Tune stops the running trials but saves them as pending, to be resumed.
-    """
-    from ray import tune
-
-    trials = tune.ExperimentAnalysis(experiment_path).trials
-    left = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
-    if spec.searcher != "grid" and not spec.options.time_budget_s:
-        left += max(0, spec.options.num_samples - len(trials))  # not even started yet
-    return left
+def failure(place: SearchPlace) -> str | None:
+    """One line when every trial failed (the search found nothing), else None."""
+    results = read_results(place.results)
+    trials = results.trials
+    if len(trials) and (trials["status"] == "error").all():
+        first = trials["error"].dropna()
+        reason = f" (first: {first.iloc[0]})" if len(first) else ""
+        return (f"all {len(trials)} trials of {place.name} failed{reason}; see the error column of "
+                f"{place.results}/{TRIALS_FILE}, fix the cause and start a new search")
+    return None
 
 
 def resume_command(argv: Sequence[str], name: str) -> str:
@@ -316,68 +444,56 @@ def connect_ray(address: str | None, dashboard: bool, worker_logs: bool) -> None
         raise UserError(f"cannot connect to the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
 
 
-def clean_checkpoints(experiment_dir: str, metric: str, mode: str) -> tuple[str | None, int]:
-    """Delete every checkpoint of a finished search but the best one; (kept path, bytes freed)."""
-    from ray import tune
-
-    from tune_inat.results import read_results
-
-    _, trials = read_results(experiment_dir)
-    unfinished = trials[~trials["status"].isin(["completed", "stopped_early", "error"])]
-    if len(unfinished):
-        raise UserError(f"{experiment_dir} is not finished ({len(unfinished)} trials unfinished): resume it first; "
-                        f"its checkpoints are what --resume continues from")
-    analysis = tune.ExperimentAnalysis(experiment_dir, default_metric=metric, default_mode=mode)
-    best_trial = analysis.get_best_trial(metric, mode, scope="all")
-    best = analysis.get_best_checkpoint(best_trial, metric, mode) if best_trial else None
-    keep = Path(best.path).resolve() if best else None
-    freed = 0
-    for folder in Path(experiment_dir).glob("trial_*/checkpoint_*"):
-        if folder.resolve() != keep:
-            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder)
-    return (str(keep) if keep else None), freed
+# -- the command line ---------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m tune_inat.search",
-        description="Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE).",
-    )
+def search_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.search",
+                            "Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE).")
     add_data_arguments(parser, required=False)
-    parser.add_argument("--space", default=None, help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo (default: default; demo with --demo)")
-    parser.add_argument("--name", default=None, help="experiment name (default <space>-<time>); --resume without it takes the newest of this space")
-    parser.add_argument("--results", default="results", help="results folder or URI (default ./results)")
-    parser.add_argument("--storage-path", default=None, help="where Ray keeps experiment state and checkpoints (default: the results folder); NFS path or s3:// / gs://")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
+    search = parser.add_argument_group("the search")
+    search.add_argument("--space", default=None, metavar="FILE|NAME",
+                        help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo "
+                             "(default: default; demo with --demo; on --resume the saved one)")
+    search.add_argument("--name", default=None, help="search name (default <space>-<date>-<time>); --resume without it "
+                        "takes the newest of the space")
+    search.add_argument("--results", default="results", help="results folder or URI")
+    search.add_argument("--storage-path", default=None, metavar="PATH|URI", help="where Ray keeps experiment state and "
+                        "checkpoints (default: the results folder); NFS path or s3:// / gs://")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search, with its saved space and "
+                        "settings (Tuner.restore)")
+    search.add_argument("--clean-checkpoints", action="store_true", help="when the search has finished, delete every "
+                        "checkpoint but the best one (also: python -m tune_inat.clean RESULTS_DIR)")
     options = parser.add_argument_group("search options (override the space file's tune_inat: block)")
     options.add_argument("--num-samples", type=int, default=None, help="number of trials (W&B run_cap)")
-    options.add_argument("--max-epochs", type=int, default=None, help="cap on every trial's epochs; ASHA's max_t")
-    options.add_argument("--scheduler", choices=SCHEDULERS, default=None)
-    options.add_argument("--grace-period", type=int, default=None, help="ASHA: epochs before a trial can be stopped")
-    options.add_argument("--reduction-factor", type=float, default=None, help="ASHA: keep 1/this at each rung")
-    options.add_argument("--searcher", choices=SEARCHERS, default=None)
-    options.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial, e.g. 0.25: four trials per GPU")
-    options.add_argument("--cpus-per-trial", type=float, default=None)
-    options.add_argument("--max-concurrent-trials", type=int, default=None)
+    options.add_argument("--max-epochs", type=int, default=None, help="cap on every trial's epochs; the scheduler's max_t")
+    options.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                         help="; ".join(f"{s.name}: {s.help}" for s in SCHEDULERS.values()) + " (default: the space's, else asha)")
+    options.add_argument("--grace-period", type=int, default=None, help="asha: epochs before a trial can be stopped")
+    options.add_argument("--reduction-factor", type=float, default=None, help="asha: keep 1/this of the trials at each rung")
+    options.add_argument("--searcher", choices=list(SEARCHERS), default=None,
+                         help="; ".join(f"{s.name}: {s.help}" for s in SEARCHERS.values()) + " (default: from the space's method)")
+    options.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial, e.g. 0.25: four trials "
+                         "per GPU (default 0.25 where there are GPUs)")
+    options.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs each trial reserves (default 2 with "
+                         "GPUs, 1 without; a GPU share alone reserves none)")
+    options.add_argument("--max-concurrent-trials", type=int, default=None, help="trials running at once (default: as "
+                         "many as the resources fit)")
     options.add_argument("--time-budget", default=None, help="stop launching and end the search after this long, e.g. 2h, 90m")
-    options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials)")
+    options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials; default 0)")
     options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
-    options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, replacing the space's entry (repeatable), e.g. --set weights=none")
+    options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, "
+                         "replacing the space's entry (repeatable), e.g. --set weights=none")
     options.add_argument("--compile", action="store_true", help="torch.compile each trial's network (same as --set compile=true)")
     tracking = parser.add_argument_group("wandb")
     tracking.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
-    tracking.add_argument("--wandb-project", default="tune-inat", help="wandb project (default tune-inat)")
+    tracking.add_argument("--wandb-project", default="tune-inat", help="wandb project")
     cluster = parser.add_argument_group("Ray")
     cluster.add_argument("--address", default=None, help="join an existing Ray cluster: auto, or HOST:PORT (default: start a local one)")
     cluster.add_argument("--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)")
-    cluster.add_argument("--quiet", action="store_true", help="no progress table")
-    cluster.add_argument("--worker-logs", action="store_true", help="show the trials' own log lines (hidden by default: errors are in the status table and trials.parquet)")
-    parser.add_argument("--clean-checkpoints", action="store_true", help="after the search (or alone, for --name or the newest search of the space): delete every checkpoint but the best one")
-    args = parser.parse_args(argv)
-    if not (args.data or args.demo or args.clean_checkpoints):
-        parser.error("one of the arguments --data --demo is required")
-    return args
+    cluster.add_argument("--worker-logs", action="store_true", help="show the trials' own log lines (hidden by default: "
+                         "errors are in the status table and trials.parquet)")
+    return parser
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
@@ -391,18 +507,19 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     return fixed
 
 
-def build_spec(args: argparse.Namespace) -> SearchSpec:
+def build_spec(args: argparse.Namespace, base: SearchSpec | None = None) -> SearchSpec:
+    """The space file (or `base`, a saved search) with the command line's fixed settings and options on top."""
     fixed = parse_assignments(args.set)
     if args.compile:
         fixed["compile"] = True
-    spec = with_fixed(load_space(args.space or ("demo" if args.demo else "default")), fixed)
+    spec = base if base is not None and args.space is None else load_space(args.space or ("demo" if args.demo else "default"))
+    rungs = {k: v for k, v in (("grace_period", args.grace_period), ("reduction_factor", args.reduction_factor)) if v is not None}
     return with_overrides(
-        spec,
+        with_fixed(spec, fixed),
+        scheduler_options=rungs,
         num_samples=args.num_samples,
         max_epochs=args.max_epochs,
         scheduler=args.scheduler,
-        grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor,
         searcher=args.searcher,
         gpus_per_trial=args.gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
@@ -413,6 +530,26 @@ def build_spec(args: argparse.Namespace) -> SearchSpec:
         split_seed=args.split_seed,
         val_fraction=args.val_fraction,
     )
+
+
+def resumed_plan(args: argparse.Namespace, place: SearchPlace) -> tuple[SearchSpec, DataConfig]:
+    """The saved search, exactly: a command line that would change it is refused in one line."""
+    record = read_search_record(place.results)
+    saved = spec_from_dict(record.get("spec"), f"{place.results}/{SEARCH_RECORD_FILE}")
+    changes = differences(saved, build_spec(args, base=saved))
+    if changes:
+        raise UserError(f"--resume continues search {place.name} as it was started; the command line changes "
+                        f"{'; '.join(changes[:3])}. Resume without those flags, or start a new search with another --name")
+    data_config = DataConfig(root=Path(record["data_root"]), cache_dir=Path(record["cache_dir"]),
+                             val_fraction=record["val_fraction"], test_fraction=record["test_fraction"],
+                             split_seed=record["split_seed"])
+    if args.data or args.demo or args.cache_dir:
+        given = data_config_from_args(args, saved.options.val_fraction, saved.options.split_seed)
+        if given.root != data_config.root:
+            raise UserError(f"--resume continues search {place.name} on {data_config.root}, not {given.root}; "
+                            f"resume without --data, or start a new search with another --name")
+        data_config = replace(data_config, cache_dir=given.cache_dir)
+    return saved, data_config
 
 
 def quiet_ray_environment() -> None:
@@ -432,72 +569,101 @@ def configure_wandb(enabled: bool) -> str | None:
     """
     if not enabled:
         return None
-    from tune_inat.results import wandb_is_logged_in
+    from tune_inat.callbacks import wandb_is_logged_in
 
     if "WANDB_MODE" not in os.environ and not wandb_is_logged_in():
         os.environ["WANDB_MODE"] = "offline"
     return os.environ.get("WANDB_MODE", "online")
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    setup_logging(args.debug)
+def fault_hook() -> Any:
+    """The test-only fault injector when TUNE_INAT_FAULTS is set (see `tune_inat.faults`), else None."""
+    from tune_inat.faults import FAULTS_VARIABLE, FaultInjector, parse_faults
+
+    if not os.environ.get(FAULTS_VARIABLE):
+        return None
+    try:
+        return FaultInjector(parse_faults(os.environ[FAULTS_VARIABLE]))
+    except ValueError as err:
+        raise UserError(f"{FAULTS_VARIABLE}: {err}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(search_parser(), lambda args: search(args, list(sys.argv[1:] if argv is None else argv)), argv)
+
+
+def search(args: argparse.Namespace, argv: list[str]) -> int:
+    """The whole job: claim, plan, prepare, run, complete, summarise; the exit code says how it went."""
+    if not (args.data or args.demo or args.resume):
+        raise UserError("one of --data DIR or --demo is required (or --resume, to continue a saved search)")
     quiet_ray_environment()
-    spec = build_spec(args)
-    from tune_inat.results import absolute_location, check_writable
-
-    storage = absolute_location(args.storage_path or args.results).rstrip("/")
-
     check_writable(args.results, "results folder")
     if args.storage_path:
         check_writable(args.storage_path, "--storage-path")
-    name = experiment_name(spec, storage, args.name, args.resume or (args.clean_checkpoints and not (args.data or args.demo)))
-    folder = f"{args.results.rstrip('/')}/{name}"
-    if not (args.data or args.demo):  # --clean-checkpoints alone
-        kept, freed = clean_checkpoints(f"{storage}/{name}", spec.metric, spec.mode)
-        print(f"{name}: freed {freed / 2**20:.1f} MiB of checkpoints; kept the best: {kept}")
-        return 0
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address is None:
-        plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
-    data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
-    prefetch_weights(spec)
-    data_by_size = prepare_data(spec, data_config)
-    wandb_mode = configure_wandb(not args.no_wandb)
-    from tune_inat.trainable import parse_faults
+    spec = None if args.resume else build_spec(args)
+    if args.resume:
+        stem = Path(args.space).stem if args.space else ("demo" if args.demo else "default")
+        name = args.name or newest_search(stem, args.results)
+    else:
+        name = args.name or new_name(spec, args.results, args.storage_path)
+    place = SearchPlace.of(args.results, name, args.storage_path)
+    with Claim(place, args.resume):
+        resume = args.resume
+        if resume:
+            if not place.has(place.results, SEARCH_RECORD_FILE):
+                raise UserError(f"nothing to resume: {place.results} holds no search (no {SEARCH_RECORD_FILE})")
+            spec, data_config = resumed_plan(args, place)
+            if not place.has(place.experiment, TUNER_FILE):
+                if place.has(place.results, EPOCHS_FILE) or place.has(place.results, TRIALS_FILE):
+                    raise UserError(f"cannot resume {name}: Ray's experiment state ({TUNER_FILE}) is missing from "
+                                    f"{place.experiment}; its results stay in {place.results}; start a new search "
+                                    f"with another --name")
+                log.info("search %s had not started a trial: starting it afresh", name)
+                resume = False
+        else:
+            data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address is None:
+            plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
+        prefetch_weights(spec)
+        data_by_size = prepare_data(spec, data_config)
+        wandb_mode = configure_wandb(not args.no_wandb)
+        before_epoch = fault_hook()
+        import ray
 
-    try:
-        faults = parse_faults(os.environ.get("TUNE_INAT_FAULTS"))  # test-only fault injection
-    except ValueError as err:
-        raise UserError(f"TUNE_INAT_FAULTS: {err}") from None
-
-    import ray
-
-    connect_ray(address, args.dashboard, args.worker_logs)
-    try:
-        run_search(
-            spec, data_config, data_by_size, args.results, name,
-            storage_root=args.storage_path, resume=args.resume, verbose=0 if args.quiet else 1,
-            wandb_project=args.wandb_project if wandb_mode else None, faults=faults,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; results so far are in {folder}\nresume with: {resume_command(argv, name)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        ray.shutdown()
-    unfinished = unfinished_trials(f"{storage}/{name}", spec)
-    if unfinished:
-        print(f"\ninterrupted with {unfinished} trials unfinished; results so far are in {folder}\n"
+        connect_ray(address, args.dashboard, args.worker_logs)
+        start = time.monotonic()
+        try:
+            outcome = execute(spec, data_config, data_by_size, place, resume=resume, verbose=0 if args.quiet else 1,
+                              wandb_project=args.wandb_project if wandb_mode else None, before_epoch=before_epoch)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; results so far are in {place.results}\nresume with: {resume_command(argv, name)}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            ray.shutdown()
+    if outcome.unwritten:
+        print(f"error: {outcome.unwritten_message}", file=sys.stderr)
+        return EXIT_SEARCH_FAILED
+    budget_spent = spec.options.time_budget_s and time.monotonic() - start >= spec.options.time_budget_s
+    if outcome.unfinished and not budget_spent:
+        print(f"\ninterrupted with {outcome.unfinished} trials unfinished; results so far are in {place.results}\n"
               f"resume with: {resume_command(argv, name)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summarise(spec, folder, data_config.root))
+    failed = failure(place)
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return EXIT_SEARCH_FAILED
+    print(summary(place, data_config.root, write_best_config(place, spec.mode)))
     if wandb_mode == "offline":
-        print(f"  wandb runs saved offline; upload them with: wandb sync {storage}/{name}/trial_*/wandb/offline-run-*")
+        print(f"  wandb runs saved offline; upload them with: wandb sync {place.experiment}/trial_*/wandb/offline-run-*")
     if args.clean_checkpoints:
-        kept, freed = clean_checkpoints(f"{storage}/{name}", spec.metric, spec.mode)
+        from tune_inat.clean import clean_checkpoints
+
+        kept, freed = clean_checkpoints(place.results)
         print(f"  checkpoints: freed {freed / 2**20:.1f} MiB; kept the best: {kept}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Searchers and schedulers for a SearchSpec, including Optuna that knows a pruned trial from a finished one.
+"""Optuna that knows a pruned trial from a finished one (the `optuna` entry of `strategies.py`).
 
 Ray's OptunaSearch tells Optuna that a trial ASHA stopped after one epoch is COMPLETE, with its
 early, low score, so TPE models 1-epoch and 10-epoch scores as if they were comparable (and an
@@ -16,8 +16,6 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_inat.space import SearchSpec
@@ -47,35 +45,19 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(spec: SearchSpec) -> Searcher | SearchAlgorithm:
-    seed = spec.options.seed
-    if spec.searcher == "optuna":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(
-                seed=seed,
-                multivariate=True,
-                group=True,
-                constant_liar=True,  # parallel trials: pretend running ones did badly, to spread the suggestions
-                n_startup_trials=min(10, max(3, spec.options.num_samples // 3)),
-            )
-        return PruningAwareOptunaSearch(sampler=sampler)
-    # random and grid: Tune's own variant generator (grid domains expand to every combination)
-    return BasicVariantGenerator(random_state=seed)
+def optuna_searcher(spec: SearchSpec, space: dict[str, Any]) -> PruningAwareOptunaSearch:
+    """TPE over `space` (the searched settings as Ray Tune domains), seeded.
 
-
-def make_scheduler(spec: SearchSpec) -> TrialScheduler:
-    options = spec.options
-    if options.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="epoch",
-        max_t=spec.max_epochs,
-        grace_period=min(options.grace_period, spec.max_epochs),
-        reduction_factor=options.reduction_factor,
-    )
-
-
-def num_samples(spec: SearchSpec) -> int:
-    """Tune's num_samples: the run cap, except for a grid, which runs each combination once."""
-    return 1 if spec.searcher == "grid" else spec.options.num_samples
+    The space, metric and mode are given to the searcher itself, so the searcher pickled in
+    `tuner.pkl` is complete: a search killed before Ray saved any searcher state still resumes.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.options.seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,  # parallel trials: pretend running ones did badly, to spread the suggestions
+            n_startup_trials=min(10, max(3, spec.options.num_samples // 3)),
+        )
+    return PruningAwareOptunaSearch(space=space, metric=spec.metric, mode=spec.mode, sampler=sampler)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tune_inat.backbones import get_backbone
 from tune_inat.cli import read_yaml
-from tune_inat.engine import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting
 from tune_inat.errors import UserError
-from tune_inat.models import native_image_size
+from tune_inat.settings import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting
+from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searcher_entry
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 METHODS = {"bayes": "optuna", "random": "random", "grid": "grid"}
-SEARCHERS = ("optuna", "random", "grid")
-SCHEDULERS = ("asha", "fifo")
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 METRIC_ALIASES = {"val_accuracy": "val_acc", "validation_accuracy": "val_acc", "accuracy": "val_acc",
                   "val_acc_epoch": "val_acc", "validation_loss": "val_loss", "train_accuracy": "train_acc"}
@@ -63,8 +62,7 @@ class SearchOptions:
     num_samples: int = 8
     max_epochs: int | None = None  # cap on every trial's epochs; ASHA's max_t. None: the space's largest
     scheduler: str = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 3
+    scheduler_options: dict[str, Any] = field(default_factory=dict)  # the scheduler's own knobs (strategies.py)
     searcher: str | None = None  # None: from `method`
     gpus_per_trial: float | None = None  # None: 0.25 where there are GPUs, else 0
     cpus_per_trial: float | None = None  # None: 2 with GPUs, 1 without
@@ -87,6 +85,28 @@ class SearchSpec:
     @property
     def searcher(self) -> str:
         return self.options.searcher or "optuna"
+
+    @property
+    def expands_grid(self) -> bool:
+        """A grid: every combination of the listed values runs once (num_samples does not apply)."""
+        return searcher_entry(self.searcher).expands_grid
+
+    def searched(self) -> list[str]:
+        """The settings that vary between trials."""
+        return [name for name, p in self.parameters.items() if not p.is_fixed]
+
+    def fixed(self) -> dict[str, Any]:
+        """The settings every trial shares."""
+        return {name: p.values[0] for name, p in self.parameters.items() if p.is_fixed}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, written into search.json; `spec_from_dict` reads it back."""
+        return {
+            "source": self.source, "metric": self.metric, "mode": self.mode,
+            "parameters": {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()}
+                           for name, p in self.parameters.items()},
+            "options": asdict(self.options),
+        }
 
     def values_of(self, name: str) -> tuple:
         """All values a discrete setting can take (the TrainConfig default if not in the space)."""
@@ -111,8 +131,37 @@ class SearchSpec:
         """Every input resolution a trial can use: the decode cache is built once for each."""
         sizes = set()
         for backbone, size in itertools.product(self.values_of("backbone"), self.values_of("image_size")):
-            sizes.add(size or native_image_size(backbone))
+            sizes.add(size or get_backbone(backbone).native_size)
         return sizes
+
+
+def spec_from_dict(raw: Any, source: str) -> SearchSpec:
+    """A SearchSpec from `SearchSpec.to_dict()` output (search.json); damage is one UserError naming `source`."""
+    try:
+        parameters = {name: Parameter(**{**p, "values": tuple(p["values"])}) for name, p in raw["parameters"].items()}
+        options = SearchOptions(**raw["options"])
+        return SearchSpec(raw["source"], raw["metric"], raw["mode"], parameters, options)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{source}: the saved search space is damaged ({type(err).__name__}: {err})") from None
+
+
+def differences(saved: SearchSpec, given: SearchSpec) -> list[str]:
+    """What `given` changes against `saved`, one phrase each ("metric val_acc -> val_loss"); [] when the same search."""
+    changes = []
+    for key in ("metric", "mode"):
+        if getattr(saved, key) != getattr(given, key):
+            changes.append(f"{key} {getattr(saved, key)} -> {getattr(given, key)}")
+    for name in sorted(set(saved.parameters) | set(given.parameters)):
+        a, b = saved.parameters.get(name), given.parameters.get(name)
+        if a != b:
+            describe = (lambda p: "default" if p is None else (repr(p.values[0]) if p.is_fixed else p.distribution
+                        + (f" {list(p.values)}" if p.values else f" [{p.low:g}, {p.high:g}]")))
+            changes.append(f"parameters.{name} {describe(a)} -> {describe(b)}")
+    for option in fields(SearchOptions):
+        a, b = getattr(saved.options, option.name), getattr(given.options, option.name)
+        if a != b:
+            changes.append(f"{option.name} {a!r} -> {b!r}")
+    return changes
 
 
 def _fail(source: str, key: str, message: str) -> UserError:
@@ -231,10 +280,8 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
         if unknown:
             raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}")
         values["scheduler"] = "asha"
-        if "min_iter" in early:
-            values["grace_period"] = early["min_iter"]
-        if "eta" in early:
-            values["reduction_factor"] = early["eta"]
+        rungs = {"grace_period": early.get("min_iter"), "reduction_factor": early.get("eta")}
+        values["scheduler_options"] = {k: v for k, v in rungs.items() if v is not None}
         if "max_iter" in early:
             values["max_epochs"] = early["max_iter"]
     raw = raw or {}
@@ -242,10 +289,11 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
         raise _fail(source, "tune_inat", f"expected a mapping, got {raw!r}")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("resources", "scheduler_options", "data") and isinstance(value, dict):
+        if key in ("resources", "data") and isinstance(value, dict):
             flat.update(value)  # grouped keys are accepted for readability
-        elif key == "scheduler" and isinstance(value, dict):
-            flat.update({("scheduler" if k == "type" else k): v for k, v in value.items()})
+        elif key == "scheduler" and isinstance(value, dict):  # {type: asha, grace_period: 2, ...}
+            flat["scheduler"] = value.get("type", values.get("scheduler", "asha"))
+            flat["scheduler_options"] = {k: v for k, v in value.items() if k != "type"}
         else:
             flat[key] = value
     if "time_budget" in flat:
@@ -274,8 +322,6 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
     checked = {
         "num_samples": number("num_samples", options.num_samples, int, 1),
         "max_epochs": number("max_epochs", options.max_epochs, int, 1),
-        "grace_period": number("grace_period", options.grace_period, int, 1),
-        "reduction_factor": number("reduction_factor", options.reduction_factor, float, 1, low_open=True),
         "gpus_per_trial": number("gpus_per_trial", options.gpus_per_trial, float, 0),
         "cpus_per_trial": number("cpus_per_trial", options.cpus_per_trial, float, 0, low_open=True),
         "max_concurrent_trials": number("max_concurrent_trials", options.max_concurrent_trials, int, 1),
@@ -288,6 +334,10 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
         raise _fail(source, "tune_inat.scheduler", f"{options.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if options.searcher is not None and options.searcher not in SEARCHERS:
         raise _fail(source, "tune_inat.searcher", f"{options.searcher!r} is not one of {', '.join(SEARCHERS)}")
+    if not isinstance(options.scheduler_options, dict):
+        raise _fail(source, "tune_inat.scheduler", f"options must be a mapping, got {options.scheduler_options!r}")
+    checked["scheduler_options"] = scheduler_options(options.scheduler, options.scheduler_options,
+                                                     f"{source}: tune_inat.scheduler")
     if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
         raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
     gpus = checked["gpus_per_trial"]
@@ -329,12 +379,17 @@ def parse_space(raw: Any, source: str) -> SearchSpec:
 
 
 def check_searcher_fits(spec: SearchSpec) -> None:
-    if spec.searcher == "grid":
+    """The searcher takes these parameters and works with this scheduler."""
+    entry = searcher_entry(spec.searcher)
+    if entry.needs_values:
         ranged = [name for name, p in spec.parameters.items() if not p.values]
         if ranged:
-            raise _fail(spec.source, f"parameters.{ranged[0]}", "grid search needs value or values, not a distribution")
-        if not any(p.distribution == "categorical" for p in spec.parameters.values()):
-            raise _fail(spec.source, "parameters", "grid search needs at least one parameter with values")
+            raise _fail(spec.source, f"parameters.{ranged[0]}", f"{spec.searcher} search needs value or values, not a distribution")
+    if entry.expands_grid and not any(p.distribution == "categorical" for p in spec.parameters.values()):
+        raise _fail(spec.source, "parameters", f"{spec.searcher} search needs at least one parameter with values")
+    if entry.schedulers and spec.options.scheduler not in entry.schedulers:
+        raise _fail(spec.source, "tune_inat.scheduler", f"searcher {spec.searcher} works only with scheduler "
+                    f"{' or '.join(entry.schedulers)}, not {spec.options.scheduler}")
 
 
 def resolve_space_path(name_or_path: str | Path) -> Path:
@@ -350,9 +405,15 @@ def load_space(path: str | Path) -> SearchSpec:
     return parse_space(read_yaml(path, "search space file"), str(path))
 
 
-def with_overrides(spec: SearchSpec, **overrides: Any) -> SearchSpec:
-    """Command-line values (None = not given) override the file's options; checked again."""
+def with_overrides(spec: SearchSpec, scheduler_options: dict[str, Any] | None = None, **overrides: Any) -> SearchSpec:
+    """Command-line values (None = not given) override the file's options; checked again.
+
+    `scheduler_options` (such as grace_period) are merged into the file's when the scheduler stays
+    the same, and replace them when the command line names another scheduler.
+    """
     given = {k: v for k, v in overrides.items() if v is not None}
+    same_scheduler = given.get("scheduler", spec.options.scheduler) == spec.options.scheduler
+    given["scheduler_options"] = {**(spec.options.scheduler_options if same_scheduler else {}), **(scheduler_options or {})}
     options = check_options(replace(spec.options, **given), "command line")
     spec = replace(spec, options=options)
     check_searcher_fits(spec)
@@ -375,14 +436,19 @@ def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
 
 def to_tune_space(spec: SearchSpec) -> dict[str, Any]:
     """The Ray Tune `param_space`: fixed values as they are, searched ones as Tune domains."""
+    return {**spec.fixed(), **searched_tune_space(spec)}
+
+
+def searched_tune_space(spec: SearchSpec) -> dict[str, Any]:
+    """The searched settings as Ray Tune domains (grid_search lists for a grid searcher)."""
     from ray import tune  # Ray stays out of the validation path above
 
     space: dict[str, Any] = {}
     for name, p in spec.parameters.items():
         if p.is_fixed:
-            space[name] = p.values[0]
-        elif p.distribution == "categorical":
-            space[name] = tune.grid_search(list(p.values)) if spec.searcher == "grid" else tune.choice(list(p.values))
+            continue
+        if p.distribution == "categorical":
+            space[name] = tune.grid_search(list(p.values)) if spec.expands_grid else tune.choice(list(p.values))
         elif p.distribution == "uniform":
             space[name] = tune.uniform(p.low, p.high)
         elif p.distribution == "int_uniform":

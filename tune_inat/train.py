@@ -17,11 +17,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from tune_inat.cli import add_data_arguments, data_config_from_args, read_yaml, setup_logging
+from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, read_yaml, run_command
 from tune_inat.data.dataset import TrainValData, prepare_train_val
-from tune_inat.engine import FineTuning, TrainConfig, coerce_settings, resolve_device
-from tune_inat.errors import UserError, cli_main
+from tune_inat.engine import FineTuning, resolve_device
+from tune_inat.errors import UserError
 from tune_inat.models import fetch_weights, save_model_file
+from tune_inat.settings import TrainConfig, coerce_settings
 
 # Random init, small images, a small network: a run that learns the demo folder on 2 CPU cores.
 DEMO_SETTINGS: dict[str, Any] = {
@@ -37,23 +38,48 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m tune_inat.train",
-        description="One fine-tuning run (no search): prints a line per epoch and saves the final model.",
-    )
+SETTING_HELP = {
+    "backbone": "torchvision backbone (python -m tune_inat.models list)",
+    "weights": "imagenet (torchvision's default weights), none (random init), or a state_dict file",
+    "image_size": "input resolution in pixels (native: the backbone's own)",
+    "freeze_fraction": "share of the backbone frozen, 0 (train all) to 1 (head only)",
+    "optimizer": "adamw or sgd (Nesterov momentum)",
+    "lr": "the head's learning rate",
+    "backbone_lr_scale": "the backbone learns at lr times this",
+    "weight_decay": "decoupled weight decay (not on biases and norms)",
+    "momentum": "SGD momentum",
+    "label_smoothing": "on the training loss",
+    "batch_size": "the effective batch",
+    "epochs": "epochs; the warmup + cosine schedule spans them",
+    "warmup_epochs": "linear learning-rate warmup, in epochs",
+    "augment": "random resized crops and flips",
+    "crop_scale_min": "smallest random crop, as a share of the image area",
+    "color_jitter": "brightness/contrast/saturation jitter strength (0: off)",
+    "grad_accum_steps": "micro-batches per optimiser step (batch_size / this images each)",
+    "frozen_features": "with augment off, compute the frozen prefix's outputs once and train the rest on them",
+    "compile": "torch.compile the trained part of the network",
+    "seed": "seed of initialisation, batches and augmentation",
+}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = command_parser("python -m tune_inat.train",
+                            "One fine-tuning run (no search): prints a line per epoch and saves the final model.")
     add_data_arguments(parser)
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML of settings, e.g. a search's best_config.yaml")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--output", type=Path, metavar="FILE", help="model file (default results/train-<backbone>-<time>/model.pt)")
-    settings = parser.add_argument_group("settings (default: the config file's, else TrainConfig's)")
+    settings = parser.add_argument_group("settings (flags override the config file, which overrides the defaults)")
+    defaults = TrainConfig()
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        text = f"{SETTING_HELP[field.name]} (default {'native' if default is None else default})"
         if field.type == "bool":
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            settings.add_argument(flag, default=None, metavar=field.name.upper())
-    return parser.parse_args(argv)
+            settings.add_argument(flag, default=None, metavar=field.name.upper(), help=text)
+    return parser
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -79,7 +105,7 @@ def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path)
     fine_tuning = FineTuning(config, data, resolve_device(device_name))
     model = fine_tuning.model
     print(
-        f"{config.backbone} ({config.weights} weights), {config.image_size} px, freeze {config.freeze_fraction:g}: "
+        f"{config.backbone} ({config.describe_weights()}), {config.image_size} px, freeze {config.freeze_fraction:g}: "
         f"{model.num_trainable_parameters():,} of {model.num_parameters():,} parameters train; "
         f"{len(data.train_rows)} train / {len(data.val_rows)} validation images, {len(data.classes)} classes, "
         f"device {fine_tuning.device}"
@@ -99,17 +125,18 @@ def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path)
     return history
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    setup_logging(args.debug)
-    config = train_config_from_args(args)
-    if config.weights == "imagenet":
-        fetch_weights(config.backbone)  # fail fast when offline, before decoding any image
-    data = prepare_train_val(data_config_from_args(args), config.image_size)
-    output = args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
-    run(config, data, args.device, output)
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    def train(args: argparse.Namespace) -> int:
+        config = train_config_from_args(args)
+        if config.weights == "imagenet":
+            fetch_weights(config.backbone, random_init_hint="--weights none")  # fail fast, before decoding any image
+        data = prepare_train_val(data_config_from_args(args), config.image_size)
+        output = args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
+        run(config, data, args.device, output)
+        return 0
+
+    return run_command(train_parser(), train, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(main())

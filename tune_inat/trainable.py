@@ -3,9 +3,12 @@
 Trials get the already-built image caches (one per resolution) through `TrialContext`, passed
 once with `tune.with_parameters`; they open the memory-mapped arrays read-only and never decode
 an image again. On a node where the cache does not exist yet (a cluster without a shared cache
-dir) the trial builds it there, under the cache's file lock. Each epoch reports every metric
-with a checkpoint holding the unfrozen weights, optimiser, schedule, epoch and RNG state, so a
-retried or restored trial continues where it stopped.
+dir) the trial builds it there, under the cache's file lock.
+
+Each epoch reports every metric with a checkpoint holding the unfrozen weights, optimiser,
+schedule, epoch and RNG state, plus `epochs.json`: every epoch's reported metrics so far. So a
+retried or restored trial continues where it stopped, and the results callback can recover any
+epoch row a crash kept from being written (the checkpoint Ray restores from lists them all).
 
 Out of GPU memory, a trial retries once in place from its last epoch with half the micro-batch
 and twice the gradient accumulation (the same effective batch); if that fails too it ends as
@@ -15,21 +18,26 @@ and twice the gradient accumulation (the same effective batch); if that fails to
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from ray import tune
 
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
-from tune_inat.engine import FineTuning, TrainConfig
+from tune_inat.engine import FineTuning
+from tune_inat.settings import TrainConfig
 
 CHECKPOINT_FILE = "fine_tuning.pt"
+HISTORY_FILE = "epochs.json"
 OOM_MARKER = "out_of_gpu_memory.txt"
+
+EpochHook = Callable[[Path, int], None]  # (trial folder, epoch about to start)
 
 
 class TrialFailure(RuntimeError):
@@ -37,39 +45,21 @@ class TrialFailure(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Fault:
-    """Test-only fault injection: trial number `trial` fails at the start of `epoch` with `kind`, `times` times."""
-
-    trial: int
-    epoch: int
-    kind: str  # "error" or "oom"
-    times: int = 1  # 0 = every time
-
-
-def parse_faults(text: str | None) -> tuple[Fault, ...]:
-    """"1:2:error:1,3:2:oom:always" -> Faults (trial numbers as in the trial folders' names)."""
-    faults = []
-    for item in filter(None, (text or "").split(",")):
-        trial, epoch, kind, *times = item.strip().split(":")
-        if kind not in ("error", "oom"):
-            raise ValueError(f"fault kind must be error or oom, got {kind!r}")
-        count = 0 if times and times[0] == "always" else int(times[0]) if times else 1
-        faults.append(Fault(int(trial), int(epoch), kind, count))
-    return tuple(faults)
-
-
-@dataclass(frozen=True)
 class TrialContext:
-    """What every trial of one search shares: the data handles, the epoch cap, the data settings."""
+    """What every trial of one search shares: the data handles, the epoch cap, the data settings.
+
+    `before_epoch` is empty in a normal search; tests install a fault injector there
+    (`tune_inat.faults`).
+    """
 
     data_by_size: dict[int, TrainValData]
     data_config: DataConfig
     max_epochs: int
-    faults: tuple[Fault, ...] = field(default=())
+    before_epoch: EpochHook | None = None
 
     def data_for(self, image_size: int) -> TrainValData:
         data = self.data_by_size.get(image_size)
-        if data is not None and (data.cache.directory / "meta.json").is_file():
+        if data is not None and data.cache.is_present():
             return data
         # Not built on this node (or not planned for this size): build or find it here, under the lock.
         return prepare_train_val(replace(self.data_config, progress=False), image_size)
@@ -81,36 +71,16 @@ def trial_resources() -> tuple[float, float]:
     return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
 
 
-def _trial_number(trial_name: str) -> int | None:
-    """The number in "trial_003_1a2b3c4d" (the search names trials so), else None."""
-    parts = trial_name.split("_")
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-
-
-def _inject_faults(context: TrialContext, trial_dir: Path, epoch: int) -> None:
-    index = _trial_number(tune.get_context().get_trial_name())
-    for fault in context.faults:
-        if fault.trial != index or fault.epoch != epoch:
-            continue
-        marker = trial_dir / f"fault-{fault.kind}-{fault.epoch}.count"
-        fired = int(marker.read_text()) if marker.exists() else 0
-        if fault.times and fired >= fault.times:
-            continue
-        marker.write_text(str(fired + 1))
-        if fault.kind == "oom":
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected at epoch {epoch})")
-        raise RuntimeError(f"injected fault at epoch {epoch}")
-
-
-class _EpochCheckpoints:
-    """Save each epoch's state once: the copy Ray keeps, and the local copy an OOM retry restarts from."""
+class EpochCheckpoints:
+    """Each epoch's state saved once: the copy Ray keeps, and the local copy an OOM retry restarts from."""
 
     def __init__(self) -> None:
         self.latest: Path | None = None
 
-    def save(self, state: dict[str, Any]) -> Path:
+    def save(self, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="tune-inat-ckpt-"))
         torch.save(state, folder / CHECKPOINT_FILE)
+        (folder / HISTORY_FILE).write_text(json.dumps(history))
         self.discard()
         self.latest = folder
         return folder
@@ -121,28 +91,30 @@ class _EpochCheckpoints:
             self.latest = None
 
 
-def _train(settings: TrainConfig, context: TrialContext, device: torch.device, state: dict | None,
-           checkpoints: _EpochCheckpoints, fixed: dict[str, Any], trial_dir: Path, start: float) -> None:
-    """Build the run (restoring `state`), then train, report and checkpoint each remaining epoch."""
-    fine_tuning = FineTuning(settings, context.data_for(settings.image_size), device)
-    if state is not None:
-        fine_tuning.load_state_dict(state)
-    fixed.setdefault("startup_seconds", time.perf_counter() - start)  # first attempt only
-    reported = {**fixed, "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
-                "micro_batch_size": settings.batch_size // settings.grad_accum_steps}
+def load_checkpoint(folder: Path, where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(training state, reported history) of a checkpoint folder; a damaged one is one TrialFailure line."""
     try:
-        while not fine_tuning.done:
-            _inject_faults(context, trial_dir, fine_tuning.epoch + 1)
-            metrics = {**fine_tuning.run_epoch(), **reported}
-            folder = checkpoints.save(fine_tuning.state_dict())
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-    finally:
-        del fine_tuning
+        state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        history = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).is_file() else []
+    except Exception as err:  # truncated, garbage, unreadable: say which file
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise TrialFailure(f"checkpoint {where}/{CHECKPOINT_FILE} is damaged ({reason})") from None
+    if not isinstance(state, dict) or "epoch" not in state or not isinstance(history, list):
+        raise TrialFailure(f"checkpoint {where} is not a tune-inat checkpoint")
+    return state, history
+
+
+def micro_batch_attempts(settings: TrainConfig) -> list[TrainConfig]:
+    """The settings to try, in order: as given, then (out of memory) half the micro-batch, same effective batch."""
+    halved = replace(settings, grad_accum_steps=settings.grad_accum_steps * 2)
+    if settings.batch_size % halved.grad_accum_steps or settings.batch_size // halved.grad_accum_steps < 2:
+        return [settings]
+    return [settings, halved]
 
 
 def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Ray Tune function trainable: train the trial's config, one report and checkpoint per epoch."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     settings = TrainConfig.from_dict(config, "trial config")
     settings = replace(settings, epochs=min(settings.epochs, context.max_epochs))
     trial_dir = Path(tune.get_context().get_trial_dir())
@@ -154,39 +126,61 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     if use_cuda and gpu_share < 1:
         # Trials sharing a GPU are not isolated by Ray: cap each at its share of the memory.
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_share), device)
-    state = None
+    state, history = None, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    fixed: dict[str, Any] = {"max_epochs": settings.epochs, "gpu_share": gpu_share, "cpus": cpus}
-    checkpoints = _EpochCheckpoints()
+            state, history = load_checkpoint(Path(folder), checkpoint.path)
+    facts = {"max_epochs": settings.epochs, "gpu_share": gpu_share, "cpus": cpus,
+             "started_at": history[0].get("started_at", started_at) if history else started_at}
+    if history and "startup_seconds" in history[0]:
+        facts["startup_seconds"] = history[0]["startup_seconds"]
+    checkpoints = EpochCheckpoints()
+    attempts = micro_batch_attempts(settings)
     try:
-        try:
-            _train(settings, context, device, state, checkpoints, fixed, trial_dir, start)
-        except torch.OutOfMemoryError:
-            smaller = replace(settings, grad_accum_steps=settings.grad_accum_steps * 2)
-            if settings.batch_size % smaller.grad_accum_steps or smaller.batch_size // smaller.grad_accum_steps < 2:
-                _fail_for_memory(trial_dir, settings)
-            _release_gpu_memory(device)
-            if checkpoints.latest is not None:
-                state = torch.load(checkpoints.latest / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        for attempt, run_settings in enumerate(attempts):
             try:
-                _train(smaller, context, device, state, checkpoints, fixed, trial_dir, start)
+                train_and_report(run_settings, context, device, state, history, checkpoints, facts, trial_dir, start)
+                return
             except torch.OutOfMemoryError:
-                _release_gpu_memory(device)
-                _fail_for_memory(trial_dir, smaller)
+                release_gpu_memory(device)
+                if attempt == len(attempts) - 1:
+                    fail_for_memory(trial_dir, run_settings)
+                if checkpoints.latest is not None:  # continue from the last finished epoch
+                    state, history = load_checkpoint(checkpoints.latest, "of the last epoch")
     finally:
         checkpoints.discard()
 
 
-def _release_gpu_memory(device: torch.device) -> None:
+def train_and_report(settings: TrainConfig, context: TrialContext, device: torch.device, state: dict | None,
+                     history: list[dict[str, Any]], checkpoints: EpochCheckpoints, facts: dict[str, Any],
+                     trial_dir: Path, start: float) -> None:
+    """Build the run (restoring `state`), then train, report and checkpoint each remaining epoch."""
+    fine_tuning = FineTuning(settings, context.data_for(settings.image_size), device)
+    if state is not None:
+        fine_tuning.load_state_dict(state)
+    facts.setdefault("startup_seconds", time.perf_counter() - start)  # the first start only
+    constant = {**facts, "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
+                "micro_batch_size": settings.batch_size // settings.grad_accum_steps}
+    try:
+        while not fine_tuning.done:
+            if context.before_epoch is not None:
+                context.before_epoch(trial_dir, fine_tuning.epoch + 1)
+            metrics = {**fine_tuning.run_epoch(), **constant, "reported_at": time.time()}
+            history.append(metrics)
+            folder = checkpoints.save(fine_tuning.state_dict(), history)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    finally:
+        del fine_tuning
+
+
+def release_gpu_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _fail_for_memory(trial_dir: Path, settings: TrainConfig) -> None:
+def fail_for_memory(trial_dir: Path, settings: TrainConfig) -> None:
     message = (
         f"out of GPU memory: batch {settings.batch_size} as {settings.grad_accum_steps} micro-batches of "
         f"{settings.batch_size // settings.grad_accum_steps} did not fit either"

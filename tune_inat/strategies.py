@@ -1,0 +1,152 @@
+"""Search strategies: each searcher and each scheduler is one registry entry with its own options.
+
+A space file (or the command line) names a searcher and a scheduler; the entry says what options
+it takes (ASHA's grace period and reduction factor belong to ASHA), which partners it needs (a
+searcher made for one scheduler names it), and how to build it from a `SearchSpec`. The space
+validates against the entries; the search builds from them. Adding a strategy is one entry here
+plus its test. Importing this module loads no Ray: the builders import it when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from tune_inat.errors import UserError
+
+if TYPE_CHECKING:
+    from tune_inat.space import SearchSpec
+
+
+@dataclass(frozen=True)
+class Option:
+    """One knob of a strategy: its type, default, lowest value and what it means."""
+
+    kind: type
+    default: Any
+    low: float
+    help: str
+    low_open: bool = False  # the lowest value itself is not allowed
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A Ray Tune trial scheduler: decides which trials continue."""
+
+    name: str
+    help: str
+    build: Callable[[SearchSpec], Any]
+    options: dict[str, Option] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Searcher:
+    """A Ray Tune searcher: proposes configurations."""
+
+    name: str
+    help: str
+    build: Callable[[SearchSpec, dict[str, Any]], Any]  # (spec, the Ray Tune space of searched settings)
+    expands_grid: bool = False  # runs every combination of the listed values once (no num_samples)
+    needs_values: bool = False  # takes only value/values, no distributions
+    schedulers: tuple[str, ...] = ()  # the schedulers it works with; empty: any
+
+
+SCHEDULERS: dict[str, Scheduler] = {}
+SEARCHERS: dict[str, Searcher] = {}
+
+
+def register_scheduler(entry: Scheduler) -> Scheduler:
+    SCHEDULERS[entry.name] = entry
+    return entry
+
+
+def register_searcher(entry: Searcher) -> Searcher:
+    SEARCHERS[entry.name] = entry
+    return entry
+
+
+def scheduler_entry(name: str, source: str = "tune_inat.scheduler") -> Scheduler:
+    if name not in SCHEDULERS:
+        raise UserError(f"{source}: {name!r} is not one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]
+
+
+def searcher_entry(name: str, source: str = "tune_inat.searcher") -> Searcher:
+    if name not in SEARCHERS:
+        raise UserError(f"{source}: {name!r} is not one of {', '.join(SEARCHERS)}")
+    return SEARCHERS[name]
+
+
+def check_option(owner: str, name: str, option: Option, value: Any, source: str) -> Any:
+    """A strategy option's value, type-checked against its entry."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and option.kind is int:
+        ok = float(value).is_integer()
+    if not ok or value < option.low or (option.low_open and value == option.low):
+        bound = f"> {option.low:g}" if option.low_open else f">= {option.low:g}"
+        word = "an integer" if option.kind is int else "a number"
+        raise UserError(f"{source}: {owner}'s {name} must be {word} {bound}, got {value!r}")
+    return option.kind(value)
+
+
+def scheduler_options(name: str, given: dict[str, Any], source: str) -> dict[str, Any]:
+    """Every option of scheduler `name`: the given ones checked, the others at their defaults."""
+    entry = scheduler_entry(name, source)
+    unknown = sorted(set(given) - set(entry.options))
+    if unknown:
+        allowed = ", ".join(entry.options) or "none"
+        raise UserError(f"{source}: scheduler {name} takes no option {', '.join(unknown)} (its options: {allowed})")
+    return {key: check_option(name, key, option, given.get(key, option.default), source)
+            for key, option in entry.options.items()}
+
+
+# -- schedulers ---------------------------------------------------------------------------------
+
+
+def _build_fifo(spec: SearchSpec) -> Any:
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def _build_asha(spec: SearchSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    options = spec.options.scheduler_options
+    return ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
+                         grace_period=min(options["grace_period"], spec.max_epochs),
+                         reduction_factor=options["reduction_factor"])
+
+
+RUNG_OPTIONS = {
+    "grace_period": Option(int, 1, 1, "epochs before a trial can be stopped (the first rung)"),
+    "reduction_factor": Option(float, 3.0, 1, "keep 1/this of the trials at each rung", low_open=True),
+}
+
+register_scheduler(Scheduler("fifo", "every trial runs all its epochs", _build_fifo))
+register_scheduler(Scheduler(
+    "asha", "asynchronous successive halving: a trial continues at a rung if it is in the top 1/reduction_factor "
+    "of the trials that reached it so far", _build_asha, dict(RUNG_OPTIONS),
+))
+
+
+# -- searchers ----------------------------------------------------------------------------------
+
+
+def _build_optuna(spec: SearchSpec, space: dict[str, Any]) -> Any:
+    from tune_inat.searchers import optuna_searcher
+
+    return optuna_searcher(spec, space)
+
+
+def _build_variants(spec: SearchSpec, space: dict[str, Any]) -> Any:
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.options.seed)
+
+
+register_searcher(Searcher("optuna", "Optuna TPE (multivariate, seeded); early-stopped trials told as pruned",
+                           _build_optuna))
+register_searcher(Searcher("random", "random sampling (seeded), as W&B's method: random", _build_variants))
+register_searcher(Searcher("grid", "every combination of the listed values, once", _build_variants,
+                           expands_grid=True, needs_values=True))
