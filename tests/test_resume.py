@@ -36,7 +36,7 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: fl
     raise AssertionError(f"no {rows} epoch rows in {timeout} s")
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT"])  # SIGKILL at every moment: test_crashes.py
 def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tmp_path: Path, shared_cache: Path) -> None:
     env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1"}
     args = [*SEARCH, "--results", "results"]  # relative, as the README's demo command leaves it

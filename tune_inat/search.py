@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import pyarrow.fs as pafs
 import yaml
 
 from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
@@ -60,6 +61,14 @@ class SearchPlace:
     def has(self, folder: str, name: str) -> bool:
         filesystem, path = resolve_folder(folder)
         return file_exists(filesystem, f"{path}/{name}")
+
+    def restorable(self) -> bool:
+        """Ray saved enough to continue: its tuner and at least one experiment state."""
+        filesystem, path = resolve_folder(self.experiment)
+        if not file_exists(filesystem, f"{path}/{TUNER_FILE}"):
+            return False
+        states = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return any(i.base_name.startswith("experiment_state-") and i.size for i in states)
 
     def holds_a_search(self) -> bool:
         """Anything a search leaves: its record, a table, Ray's state."""
@@ -209,6 +218,20 @@ class SearchOutcome:
     unwritten_message: str = ""
 
 
+def param_space(spec: SearchSpec) -> dict[str, Any]:
+    """Ray's `param_space`: the fixed settings (a searcher with its own space adds the searched ones).
+
+    Ray does not keep it in tuner.pkl, so a restore passes it again, rebuilt from the saved search.
+    """
+    from tune_inat.space import searched_tune_space
+    from tune_inat.strategies import searcher_entry
+
+    space = {**spec.fixed(), "seed": spec.fixed().get("seed", spec.options.seed)}
+    if searcher_entry(spec.searcher).expands_grid:
+        space.update(searched_tune_space(spec))  # the variant generator expands the grid from the param space
+    return space
+
+
 def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources: TrialResources, *,
                 wandb_project: str | None, verbose: int) -> Any:
     """A new Tuner: the space's searcher and scheduler, Parquet (+ wandb) callbacks, a checkpoint per epoch."""
@@ -219,18 +242,14 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
     from tune_inat.strategies import scheduler_entry, searcher_entry
 
     searcher = searcher_entry(spec.searcher)
-    searched = searched_tune_space(spec)
-    param_space = {**spec.fixed(), "seed": spec.fixed().get("seed", spec.options.seed)}
-    if searcher.expands_grid:
-        param_space.update(searched)  # the variant generator expands the grid from the param space
     storage_root, _, name = place.experiment.rpartition("/")
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher.build(spec, searched),
+            search_alg=searcher.build(spec, searched_tune_space(spec)),
             scheduler=scheduler_entry(spec.options.scheduler).build(spec),
             num_samples=1 if searcher.expands_grid else spec.options.num_samples,
             max_concurrent_trials=resources.max_concurrent,
@@ -262,12 +281,13 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
     )
 
 
-def restore_tuner(place: SearchPlace, trainable: Any) -> Any:
+def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:
     """The interrupted search's Tuner; damaged state is one line."""
     from ray import tune
 
     try:
-        return tune.Tuner.restore(place.experiment, trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(place.experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                  param_space=param_space(spec))
     except Exception as err:  # Ray raises many kinds for a damaged experiment folder
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot resume {place.name}: Ray's experiment state in {place.experiment} is damaged "
@@ -327,7 +347,7 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
         tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
     )
     if resume:
-        tuner = restore_tuner(place, trainable)
+        tuner = restore_tuner(spec, place, trainable)
     else:
         write_search_record(place.results, search_record(spec, data_config, place))
         tuner = build_tuner(spec, trainable, place, resources, wandb_project=wandb_project, verbose=verbose)
@@ -611,14 +631,16 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         resume = args.resume
         if resume:
             if not place.has(place.results, SEARCH_RECORD_FILE):
-                raise UserError(f"nothing to resume: {place.results} holds no search (no {SEARCH_RECORD_FILE})")
+                raise UserError(f"nothing to resume: {place.results} holds no search (it stopped before writing "
+                                f"{SEARCH_RECORD_FILE}); start it afresh: the same command without --resume")
             spec, data_config = resumed_plan(args, place)
-            if not place.has(place.experiment, TUNER_FILE):
-                if place.has(place.results, EPOCHS_FILE) or place.has(place.results, TRIALS_FILE):
-                    raise UserError(f"cannot resume {name}: Ray's experiment state ({TUNER_FILE}) is missing from "
-                                    f"{place.experiment}; its results stay in {place.results}; start a new search "
-                                    f"with another --name")
-                log.info("search %s had not started a trial: starting it afresh", name)
+            if not place.restorable():
+                if place.has(place.results, EPOCHS_FILE) and len(read_results(place.results).epochs):
+                    raise UserError(f"cannot resume {name}: Ray saved no experiment state in {place.experiment} "
+                                    f"before the search stopped; its results stay in {place.results}; start a new "
+                                    f"search with another --name")
+                log.info("search %s stopped before Ray saved its state and before any epoch ended: starting it afresh",
+                         name)
                 resume = False
         else:
             data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)

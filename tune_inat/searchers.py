@@ -60,4 +60,5 @@ def optuna_searcher(spec: SearchSpec, space: dict[str, Any]) -> PruningAwareOptu
             constant_liar=True,  # parallel trials: pretend running ones did badly, to spread the suggestions
             n_startup_trials=min(10, max(3, spec.options.num_samples // 3)),
         )
-    return PruningAwareOptunaSearch(space=space, metric=spec.metric, mode=spec.mode, sampler=sampler)
+    distributions = OptunaSearch.convert_search_space(space)  # Optuna's own form: no conversion warning
+    return PruningAwareOptunaSearch(space=distributions, metric=spec.metric, mode=spec.mode, sampler=sampler)
