@@ -86,9 +86,11 @@ def assert_complete(folder: Path, trials: int, epochs: int) -> None:
     assert not table.duplicated(["trial_id", "epoch"]).any(), table[["trial_id", "epoch"]]
     assert not finished["trial_id"].duplicated().any()
     assert len(finished) == trials and (finished["status"] == "completed").all(), finished[["trial_id", "status"]]
-    for trial_dir in folder.glob("trial_*"):
-        trial_id = trial_dir.name.split("_")[2]
+    for trial_id in finished["trial_id"]:
         mine = sorted(table[table["trial_id"] == trial_id]["epoch"])
         assert mine == list(range(1, epochs + 1)), (trial_id, mine)
-        assert set(recorded_epochs(trial_dir)) <= set(mine), (trial_id, recorded_epochs(trial_dir), mine)
+    for trial_dir in folder.glob("trial_*"):  # every epoch Ray recorded is a row
+        trial_id = trial_dir.name.split("_")[2]
+        mine = set(table[table["trial_id"] == trial_id]["epoch"])
+        assert set(recorded_epochs(trial_dir)) <= mine, (trial_id, recorded_epochs(trial_dir), sorted(mine))
     assert set(table["trial_id"]) == set(finished["trial_id"])

@@ -11,9 +11,11 @@ what happened (0 done, 1 the search failed, 2 bad input, 130 interrupted).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import pickle
 import socket
 import sys
 import time
@@ -216,6 +218,20 @@ class SearchOutcome:
     unfinished: int  # trials left to run (interrupted)
     unwritten: int  # result rows that could not be written
     unwritten_message: str = ""
+    state_not_saved: str = ""  # why Ray could not save its experiment state (so `unfinished` may be stale)
+
+
+class StateSaveFailures(logging.Handler):
+    """Notes Ray's own report that saving the experiment state failed (its syncer logs it and goes on)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.reason = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Saving experiment state" in record.getMessage() or "snapshotting failed" in record.getMessage():
+            error = record.exc_info[1] if record.exc_info else None
+            self.reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200] if error else "unknown"
 
 
 def param_space(spec: SearchSpec) -> dict[str, Any]:
@@ -294,6 +310,49 @@ def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:
                         f"({reason}); its results stay in {place.results}; start a new search with another --name") from None
 
 
+RAY_STATE_FILES = {"experiment_state-": ".json", "search_gen_state-": ".json", "searcher-state-": ".pkl"}
+
+
+def _readable(path: Path) -> bool:
+    """Ray's state file parses whole (JSON, or a pickle; search_gen_state is a pickle despite its name)."""
+    try:
+        data = path.read_bytes()
+        if not data:
+            return False
+        if path.name.startswith("experiment_state-"):
+            json.loads(data)
+        else:
+            pickle.loads(data)
+        return True
+    except Exception:  # truncated or garbage: whatever the parser raises
+        return False
+
+
+def set_aside_broken_ray_state(place: SearchPlace) -> None:
+    """Move away what a failed write (a full disk) left broken among Ray's state, so the restore can read the rest.
+
+    Ray saves its state as three files per session (experiment, search generator, searcher); a session
+    with any of them empty or truncated is set aside whole (renamed `.damaged-...`), so Ray falls back
+    to the previous session's consistent set. Empty trial error files hold nothing and are removed.
+    """
+    if not is_local(place.experiment):
+        return
+    folder = Path(place.experiment.removeprefix("file://"))
+    for path in [*folder.glob("trial_*/error.pkl"), *folder.glob("trial_*/error.txt")]:
+        if path.stat().st_size == 0:
+            path.unlink()
+    sessions: dict[str, list[Path]] = {}
+    for prefix, suffix in RAY_STATE_FILES.items():
+        for path in folder.glob(f"{prefix}*{suffix}"):
+            sessions.setdefault(path.name[len(prefix):-len(suffix)], []).append(path)
+    for session, paths in sessions.items():
+        if not all(_readable(path) for path in paths):
+            log.warning("warning: Ray's saved state of session %s in %s is damaged (a write that failed?); set aside, "
+                        "resuming from the state before it", session, folder)
+            for path in paths:
+                path.rename(path.with_name(f".damaged-{path.name}"))
+
+
 def saved_trials(place: SearchPlace) -> list[Any]:
     """The trials as Ray last saved them (an interrupted trial stays unfinished there)."""
     from ray import tune
@@ -347,18 +406,30 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
         tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
     )
     if resume:
+        set_aside_broken_ray_state(place)
         tuner = restore_tuner(spec, place, trainable)
     else:
         write_search_record(place.results, search_record(spec, data_config, place))
         tuner = build_tuner(spec, trainable, place, resources, wandb_project=wandb_project, verbose=verbose)
-    grid = tuner.fit()
+    state_failures = StateSaveFailures()
+    logging.getLogger("ray.tune").addHandler(state_failures)
+    try:
+        grid = tuner.fit()
+    except (EOFError, pickle.UnpicklingError) as err:
+        # Ray builds its ResultGrid by unpickling each failed trial's error.pkl after the run; one left empty by a
+        # failed write (a full disk) raises here although the run ended and its state was saved.
+        log.warning("warning: Ray could not read back a trial's error file (%s: %s); the results below come from "
+                    "the saved experiment state", type(err).__name__, err)
+        grid = None
+    finally:
+        logging.getLogger("ray.tune").removeHandler(state_failures)
     trials = saved_trials(place)
     results = complete_results(place.results, place.name, spec.metric, spec.mode, trials)
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     if not spec.expands_grid and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
     return SearchOutcome(place, grid, unfinished, results.pending,
-                         unwritten_message(results) if results.pending else "")
+                         unwritten_message(results) if results.pending else "", state_failures.reason)
 
 
 # -- after the search ------------------------------------------------------------------------------
@@ -436,6 +507,26 @@ def resume_command(argv: Sequence[str], name: str) -> str:
             continue
         kept.append(arg)
     return " ".join(["python -m tune_inat.search", *kept, "--resume", "--name", name])
+
+
+class OnlyCritical(logging.Filter):
+    """Ray's console lines (its warnings, its tracebacks of what it retries or survives) hidden; --verbose shows them.
+
+    What matters reaches the user through this program's own one-line messages and the results tables.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+
+def quiet_ray_console(verbose: bool) -> None:
+    import ray  # noqa: F401  (importing Ray installs its console handler)
+
+    for handler in logging.getLogger("ray").handlers:
+        for existing in [f for f in handler.filters if isinstance(f, OnlyCritical)]:
+            handler.removeFilter(existing)
+        if not verbose:
+            handler.addFilter(OnlyCritical())
 
 
 def connect_ray(address: str | None, dashboard: bool, worker_logs: bool) -> None:
@@ -634,6 +725,7 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
                 raise UserError(f"nothing to resume: {place.results} holds no search (it stopped before writing "
                                 f"{SEARCH_RECORD_FILE}); start it afresh: the same command without --resume")
             spec, data_config = resumed_plan(args, place)
+            set_aside_broken_ray_state(place)
             if not place.restorable():
                 if place.has(place.results, EPOCHS_FILE) and len(read_results(place.results).epochs):
                     raise UserError(f"cannot resume {name}: Ray saved no experiment state in {place.experiment} "
@@ -653,7 +745,9 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         before_epoch = fault_hook()
         import ray
 
+        quiet_ray_console(args.verbose or args.debug)
         connect_ray(address, args.dashboard, args.worker_logs)
+        quiet_ray_console(args.verbose or args.debug)  # ray.init may have set up its handler anew
         start = time.monotonic()
         try:
             outcome = execute(spec, data_config, data_by_size, place, resume=resume, verbose=0 if args.quiet else 1,
@@ -666,6 +760,10 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
             ray.shutdown()
     if outcome.unwritten:
         print(f"error: {outcome.unwritten_message}", file=sys.stderr)
+        return EXIT_SEARCH_FAILED
+    if outcome.state_not_saved:
+        print(f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "
+              f"free space there, then continue with: {resume_command(argv, name)}", file=sys.stderr)
         return EXIT_SEARCH_FAILED
     budget_spent = spec.options.time_budget_s and time.monotonic() - start >= spec.options.time_budget_s
     if outcome.unfinished and not budget_spent:
