@@ -13,7 +13,6 @@ from typing import Callable
 
 import pandas as pd
 
-from conftest import REPO
 
 # 2 trials of 3 epochs on the demo folder, at 32 px: each run takes seconds, both trials at once
 SMALL_SEARCH = ["--demo", "--num-samples", "2", "--max-epochs", "3", "--scheduler", "fifo", "--cpus-per-trial", "1",

@@ -27,7 +27,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from tune_inat.results import (
     EPOCHS_FILE, EPOCHS_SCHEMA, REPORTED_EPOCH_KEYS, REPORTED_TIME_KEY, TRIALS_FILE, TRIALS_SCHEMA, DamagedFile,
-    read_part, resolve_folder, summarise_epochs, table_parts, typed_settings, utc, write_part,
+    file_exists, read_part, resolve_folder, summarise_epochs, table_parts, typed_settings, utc, write_part,
 )
 from tune_inat.trainable import HISTORY_FILE, TrialFailure
 
@@ -50,8 +50,10 @@ class ResultsLog:
         self.finished: dict[str, dict[str, Any]] = {}  # trial_id -> final trials row
         self._waiting_epochs: list[dict[str, Any]] = []
         self._waiting_trials: list[dict[str, Any]] = []
+        self._wrote = False  # this log has written parts (so a missing table folder means it was deleted)
         self.write_error: str | None = None
         self.warned = False
+        self.folder_lost = False
 
     @property
     def pending(self) -> int:
@@ -63,6 +65,7 @@ class ResultsLog:
         filesystem, folder = resolve_folder(self.folder)
         for name, schema in ((EPOCHS_FILE, EPOCHS_SCHEMA), (TRIALS_FILE, TRIALS_SCHEMA)):
             path = f"{folder}/{name}"
+            self._wrote = self._wrote or filesystem.get_file_info(path).type != pafs.FileType.NotFound
             if filesystem.get_file_info(path).type == pafs.FileType.File:  # an older single-file table
                 parts = [path]
             else:
@@ -121,18 +124,26 @@ class ResultsLog:
 
     def flush(self) -> bool:
         """Write every waiting row; on failure keep them for the next try. True when nothing waits."""
+        filesystem, folder = resolve_folder(self.folder)
+        if self._wrote and not self.folder_lost and not file_exists(filesystem, f"{folder}/{EPOCHS_FILE}"):
+            log.warning("warning: the results folder %s was deleted while the search ran; writing every row this "
+                        "search knows again", self.folder)
+            self.folder_lost = True
+            self._waiting_epochs = [row for rows in self.epochs.values() for row in rows.values()]
+            self._waiting_trials = list(self.finished.values())
         if not self.pending:
             return True
-        filesystem, folder = resolve_folder(self.folder)
         try:
             if self._waiting_epochs:
                 rows = sorted(self._waiting_epochs, key=lambda r: (r["trial_id"], r["epoch"]))
                 write_part(rows, EPOCHS_SCHEMA, filesystem, f"{folder}/{EPOCHS_FILE}")
                 self._waiting_epochs = []
+                self._wrote = True
             if self._waiting_trials:
                 write_part(sorted(self._waiting_trials, key=lambda r: r["trial_id"]), TRIALS_SCHEMA, filesystem,
                            f"{folder}/{TRIALS_FILE}")
                 self._waiting_trials = []
+                self._wrote = True
         except (OSError, pa.ArrowException) as err:  # a full or vanished disk must not kill the search
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if not self.warned:

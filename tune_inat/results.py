@@ -140,22 +140,38 @@ def file_exists(filesystem: pafs.FileSystem, path: str) -> bool:
 def write_part(rows: list[dict[str, Any]], schema: pa.Schema, filesystem: pafs.FileSystem, folder: str) -> str:
     """Add `rows` to the table folder `folder` as a new immutable part; returns its path.
 
-    Written under a hidden name (which readers skip) and renamed into place; a failed write
+    Written under a hidden name (which readers skip) and renamed into place; the folder itself
+    appears with its first part (never empty, so a reader always finds the columns). A failed write
     removes what it left, so a full disk never leaves a file that breaks a later read.
     """
-    filesystem.create_dir(folder, recursive=True)
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
-    temporary, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), temporary, filesystem=filesystem)
-        filesystem.move(temporary, final)
-    except BaseException:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if file_exists(filesystem, folder):
+        temporary = f"{folder}/.{name}.tmp"
         try:
-            filesystem.delete_file(temporary)
-        except (OSError, pa.ArrowException):
-            pass
+            pq.write_table(table, temporary, filesystem=filesystem)
+            filesystem.move(temporary, f"{folder}/{name}")
+        except BaseException:
+            _remove(filesystem, temporary, is_folder=False)
+            raise
+        return f"{folder}/{name}"
+    parent, _, base = folder.rstrip("/").rpartition("/")
+    staging = f"{parent}/.{base}.new-{uuid.uuid4().hex[:8]}"  # the folder with its first part, then renamed
+    try:
+        filesystem.create_dir(staging, recursive=True)
+        pq.write_table(table, f"{staging}/{name}", filesystem=filesystem)
+        filesystem.move(staging, folder)
+    except BaseException:
+        _remove(filesystem, staging, is_folder=True)
         raise
-    return final
+    return f"{folder}/{name}"
+
+
+def _remove(filesystem: pafs.FileSystem, path: str, is_folder: bool) -> None:
+    try:
+        filesystem.delete_dir(path) if is_folder else filesystem.delete_file(path)
+    except (OSError, pa.ArrowException):
+        pass
 
 
 def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
@@ -167,10 +183,7 @@ def write_text(filesystem: pafs.FileSystem, path: str, text: str) -> None:
             out.write(text.encode())
         filesystem.move(temporary, path)
     except BaseException:
-        try:
-            filesystem.delete_file(temporary)
-        except (OSError, pa.ArrowException):
-            pass
+        _remove(filesystem, temporary, is_folder=False)
         raise
 
 
@@ -350,7 +363,8 @@ def name_scores(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 def format_leaderboard(board: pd.DataFrame, metric: str = "val_acc") -> str:
     """A plain-text table: accuracies in %, floats short, epochs as run/max."""
     table = name_scores(board, metric)
-    table["epochs"] = [f"{r}/{m}" if pd.notna(r) else "-" for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))]
+    table["epochs"] = [f"{int(r)}/{int(m)}" if pd.notna(r) and pd.notna(m) else "-"
+                       for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))]
     for column in table.columns:
         table[column] = [format_value(v, column) for v in table[column]]
     table.index = range(1, len(table) + 1)

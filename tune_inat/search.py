@@ -219,6 +219,7 @@ class SearchOutcome:
     unwritten: int  # result rows that could not be written
     unwritten_message: str = ""
     state_not_saved: str = ""  # why Ray could not save its experiment state (so `unfinished` may be stale)
+    folder_lost: bool = False  # the results folder was deleted while the search ran
 
 
 class StateSaveFailures(logging.Handler):
@@ -423,13 +424,16 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
         grid = None
     finally:
         logging.getLogger("ray.tune").removeHandler(state_failures)
+    folder_lost = not place.has(place.results, SEARCH_RECORD_FILE)
+    if folder_lost:  # deleted under the running search: the record at least is written again
+        write_search_record(place.results, search_record(spec, data_config, place))
     trials = saved_trials(place)
     results = complete_results(place.results, place.name, spec.metric, spec.mode, trials)
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     if not spec.expands_grid and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
     return SearchOutcome(place, grid, unfinished, results.pending,
-                         unwritten_message(results) if results.pending else "", state_failures.reason)
+                         unwritten_message(results) if results.pending else "", state_failures.reason, folder_lost)
 
 
 # -- after the search ------------------------------------------------------------------------------
@@ -760,6 +764,11 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
             ray.shutdown()
     if outcome.unwritten:
         print(f"error: {outcome.unwritten_message}", file=sys.stderr)
+        return EXIT_SEARCH_FAILED
+    if outcome.folder_lost:
+        print(f"error: the results folder {place.results} was deleted while the search ran; every row this run saw "
+              f"is written there again, but Ray's state in it is lost: start a new search to run the rest",
+              file=sys.stderr)
         return EXIT_SEARCH_FAILED
     if outcome.state_not_saved:
         print(f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "

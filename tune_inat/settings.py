@@ -164,7 +164,30 @@ def settings_of_row(row: Mapping[str, Any], source: str) -> TrainConfig:
     return TrainConfig.from_dict(values, source)
 
 
+SETTINGS_FILE_END = f"# end: all {len(FIELD_TYPES)} settings"
+
+
 def settings_yaml(config: TrainConfig, header: str = "") -> str:
-    """The YAML `python -m tune_inat.train --config` reads back; `header` becomes a comment line."""
+    """The YAML `python -m tune_inat.train --config` reads back; `header` becomes a comment line.
+
+    The last line marks the file complete, so a file cut short (a crash, a full disk) is told from
+    a hand-written one that sets only some settings.
+    """
     comment = f"# {header}\n" if header else ""
-    return comment + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return comment + yaml.safe_dump(config.to_dict(), sort_keys=False) + SETTINGS_FILE_END + "\n"
+
+
+def read_settings_text(text: str, source: str) -> dict[str, Any]:
+    """Settings from a YAML text; a file this program wrote whose end marker is missing is cut short."""
+    if text.startswith("# best of search") and not text.rstrip().endswith(SETTINGS_FILE_END):
+        raise UserError(f"{source}: cut short (a search wrote it, but its last lines are missing); "
+                        f"write it again from the search's trials.parquet or with python -m tune_inat.analyze")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{source}: YAML syntax error{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+    return values

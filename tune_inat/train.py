@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, read_yaml, run_command
+from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
 from tune_inat.data.dataset import TrainValData, prepare_train_val
 from tune_inat.engine import FineTuning, resolve_device
 from tune_inat.errors import UserError
 from tune_inat.models import fetch_weights, save_model_file
-from tune_inat.settings import TrainConfig, coerce_settings
+from tune_inat.settings import TrainConfig, coerce_settings, read_settings_text
 
 # Random init, small images, a small network: a run that learns the demo folder on 2 CPU cores.
 DEMO_SETTINGS: dict[str, Any] = {
@@ -32,10 +32,15 @@ DEMO_SETTINGS: dict[str, Any] = {
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
-    values = read_yaml(path, "config file")
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
-    return values
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (damaged or binary), cannot be read as YAML") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from err
+    return read_settings_text(text, str(path))
 
 
 SETTING_HELP = {
