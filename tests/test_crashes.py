@@ -28,7 +28,6 @@ def _unwritten_checkpointed_epoch(folder: Path) -> bool:
 
 
 MOMENTS: dict[str, Callable[[Path], bool]] = {
-    "right-after-the-record": lambda f: (f / "search.json").exists(),
     "right-after-tuner-pkl": lambda f: (f / "tuner.pkl").exists(),
     "mid-first-epoch": lambda f: any(f.glob("trial_*")) and not any(f.glob("trial_*/checkpoint_*")),
     "between-flushes": _unwritten_checkpointed_epoch,

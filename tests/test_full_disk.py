@@ -57,7 +57,7 @@ def _errors(stderr: str) -> list[str]:
 @pytest.mark.slow
 def test_results_disk_full_then_freed_mid_search_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}
-    args = [*SMALL_SEARCH, "--max-epochs", "12", "--results", str(small_disk / "results"), "--storage-path",
+    args = [*SMALL_SEARCH, "--max-epochs", "12", "--set", "epochs=12", "--results", str(small_disk / "results"), "--storage-path",
             str(tmp_path / "storage"), "--name", "full"]
     folder = small_disk / "results" / "full"
     process = start_search(args, tmp_path, env)

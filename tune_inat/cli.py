@@ -49,9 +49,29 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--verbose", action="store_true", help="also show the libraries' own messages (Ray, Optuna)")
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Our messages, as plain lines, to whatever `sys.stderr` is when they are written (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    """One console handler on the root logger (replacing one set up before), at the level the flags ask."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(ConsoleHandler())
+    root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
 
 
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],

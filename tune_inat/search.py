@@ -526,7 +526,8 @@ class OnlyCritical(logging.Filter):
 def quiet_ray_console(verbose: bool) -> None:
     import ray  # noqa: F401  (importing Ray installs its console handler)
 
-    for handler in logging.getLogger("ray").handlers:
+    shared = set(logging.getLogger().handlers)  # ours and test harnesses' (pytest adds them to Ray's logger too)
+    for handler in [h for h in logging.getLogger("ray").handlers if h not in shared]:
         for existing in [f for f in handler.filters if isinstance(f, OnlyCritical)]:
             handler.removeFilter(existing)
         if not verbose:

@@ -1,0 +1,119 @@
+"""Trial schedulers beyond Ray's own: ASHA that decides in trial order, for searches that repeat exactly.
+
+Ray's ASHA decides at each rung against the trials that happened to report there first, so the
+same seed can stop a different trial when timing differs. `OrderedASHA` takes every rung decision
+as ASHA would if trials reported in the order they were created: a trial that reaches a rung
+before an earlier trial has resolved it (reported there, or ended) is paused, and decided (stopped,
+or resumed from its checkpoint) once the earlier ones have. Same per-trial metrics, same decisions.
+The cost: paused trials wait, and resuming one rebuilds its model from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+
+class OrderedASHA(ASHAScheduler):
+    """ASHA (one bracket) whose rung decisions follow trial creation order, not arrival order."""
+
+    def __init__(self, **asha: Any) -> None:
+        super().__init__(brackets=1, **asha)
+        self._order: list[str] = []  # trial ids in creation order
+        self._waiting: dict[str, dict] = {}  # paused at a rung: trial id -> the result that reached it
+        self._resume: set[str] = set()  # decided to continue, to be resumed
+        self._ended: set[str] = set()
+        self._settling = False
+
+    # -- Ray's scheduler hooks ------------------------------------------------------------------
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if trial.trial_id not in self._order:  # a restored search adds its trials again
+            self._order.append(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        self._resume.discard(trial.trial_id)
+        milestone = self._rung_reached(trial, result)
+        if milestone is not None and not self._earlier_resolved(trial.trial_id, milestone):
+            self._waiting[trial.trial_id] = result
+            return TrialScheduler.PAUSE
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._settle(tune_controller)
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._end(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+        self._end(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._trial_info.pop(trial.trial_id, None)
+        self._end(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        self._settle(tune_controller)
+        trials = {t.trial_id: t for t in tune_controller.get_trials()}
+        for trial_id in self._order:  # new trials first, then those decided to continue, oldest first
+            trial = trials.get(trial_id)
+            if trial is not None and trial.status == Trial.PENDING:
+                return trial
+        for trial_id in self._order:
+            trial = trials.get(trial_id)
+            if trial is not None and trial.status == Trial.PAUSED and trial_id in self._resume:
+                return trial
+        return None
+
+    # -- the ordering ---------------------------------------------------------------------------
+    def _rung_reached(self, trial: Trial, result: dict) -> float | None:
+        """The rung milestone this result reaches for the first time (before max_t), else None."""
+        if self._time_attr not in result or self._metric not in result or result[self._time_attr] >= self._max_t:
+            return None
+        for milestone, recorded in self._brackets[0]._rungs:  # highest first
+            if result[self._time_attr] >= milestone:
+                return None if trial.trial_id in recorded else milestone
+        return None
+
+    def _earlier_resolved(self, trial_id: str, milestone: float) -> bool:
+        """Every trial created before `trial_id` has reported at `milestone`, or ended (and never will)."""
+        recorded = dict(self._brackets[0]._rungs)[milestone]
+        for earlier in self._order[: self._order.index(trial_id)]:
+            if earlier not in recorded and earlier not in self._ended:
+                return False
+        return True
+
+    def _end(self, tune_controller: Any, trial: Trial) -> None:
+        self._ended.add(trial.trial_id)
+        self._waiting.pop(trial.trial_id, None)
+        self._resume.discard(trial.trial_id)
+        self._settle(tune_controller)
+
+    def _settle(self, tune_controller: Any) -> None:
+        """Decide the paused trials whose earlier trials have all resolved their rung, oldest first."""
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            trials = {t.trial_id: t for t in tune_controller.get_trials()}
+            progress = True
+            while progress:
+                progress = False
+                for trial_id in [t for t in self._order if t in self._waiting]:
+                    trial, result = trials.get(trial_id), self._waiting[trial_id]
+                    if trial is None or trial.status != Trial.PAUSED:
+                        continue  # still pausing: decided once it is paused
+                    milestone = self._rung_reached(trial, result)
+                    if milestone is not None and not self._earlier_resolved(trial_id, milestone):
+                        continue
+                    del self._waiting[trial_id]
+                    progress = True
+                    if super().on_trial_result(tune_controller, trial, result) == TrialScheduler.STOP:
+                        tune_controller.stop_trial(trial)
+                    else:
+                        self._resume.add(trial_id)
+        finally:
+            self._settling = False
