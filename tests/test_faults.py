@@ -87,5 +87,6 @@ def test_out_of_memory_twice_is_an_error_the_searcher_sees_as_failed(faulty_sear
 
 def test_fault_specs_are_checked() -> None:
     assert parse_faults("2:3:oom:always")[0].times == 0 and parse_faults("2:3:oom")[0].times == 1
-    with pytest.raises(ValueError, match="error or oom"):
+    assert parse_faults("1:2:slow:3")[0].seconds == 3.0
+    with pytest.raises(ValueError, match="error, oom or slow"):
         parse_faults("0:1:segfault")

@@ -146,6 +146,7 @@ def importance(search: Search) -> tuple[pd.Series | None, str]:
             distributions[name] = FloatDistribution(low, high, log=name in LOG_SCALE and low > 0)
         else:
             distributions[name] = CategoricalDistribution(sorted(search.trials[name].dropna().unique().tolist(), key=str))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     study = optuna.create_study(direction="maximize" if search.mode == "max" else "minimize")
     for _, row in completed.iterrows():
         params = {n: (float(row[n]) if isinstance(d, FloatDistribution) else plain(row[n])) for n, d in distributions.items()}

@@ -17,18 +17,21 @@ import netrc
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from ray import tune
-from ray.air.integrations.wandb import WandbLoggerCallback
+import ray
+from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _clean_log, _QueueItem
+from ray.air.util.node import _force_on_current_node
 
 from tune_inat.results import (
     EPOCHS_FILE, EPOCHS_SCHEMA, REPORTED_EPOCH_KEYS, REPORTED_TIME_KEY, TRIALS_FILE, TRIALS_SCHEMA, DamagedFile,
     file_exists, read_part, resolve_folder, summarise_epochs, table_parts, typed_settings, utc, write_part,
 )
+from tune_inat.console import trial_label
 from tune_inat.trainable import HISTORY_FILE, TrialFailure
 
 log = logging.getLogger(__name__)
@@ -233,7 +236,12 @@ class ParquetResults(tune.Callback):
             self._flush(force=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        known = self.results.epochs.get(trial.trial_id, {})
+        before = known[max(known)]["micro_batch_size"] if known else None
         self.results.add_epoch(trial.trial_id, trial.config, result)
+        if before and result.get("micro_batch_size") and result["micro_batch_size"] < before:
+            log.warning("trial %s ran out of GPU memory: it goes on with micro-batches of %d (the same effective batch)",
+                        trial_label(trial), result["micro_batch_size"])
         self._flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -241,8 +249,13 @@ class ParquetResults(tune.Callback):
         self._flush(force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.results.finish(trial.trial_id, trial.config, trial.last_result or {}, "error", error_reason(trial))
+        reason = error_reason(trial)
+        log.warning("trial %s failed: %s", trial_label(trial), reason)
+        self.results.finish(trial.trial_id, trial.config, trial.last_result or {}, "error", reason)
         self._flush(force=True)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("trial %s failed (%s); retrying from its last checkpoint", trial_label(trial), error_reason(trial))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._flush()
@@ -288,22 +301,25 @@ def wandb_is_logged_in() -> bool:
 
 
 class TolerantWandbCallback(WandbLoggerCallback):
-    """Ray's WandbLoggerCallback where wandb trouble (no network, bad key, full disk) is a warning, never a failed search."""
+    """Ray's WandbLoggerCallback, off the driver's critical path, and never failing a search.
+
+    wandb trouble (no network, bad key, full disk) is one warning and turns wandb off for the search.
+    """
 
     _broken = False
 
-    def _guard(self, method: str, *args: Any, **kwargs: Any) -> None:
+    def _guard(self, action: Callable[[], Any]) -> None:
         if self._broken:
             return
         try:
-            getattr(super(), method)(*args, **kwargs)
+            action()
         except Exception as err:
             self._broken = True
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.warning("wandb logging turned off for this search: %s", reason)
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
-        self._guard("setup", *args, **kwargs)
+        self._guard(lambda: super(TolerantWandbCallback, self).setup(*args, **kwargs))
 
     def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
         # Ray hands wandb the trial's staging folder, which it copies to the results folder when the
@@ -311,19 +327,42 @@ class TolerantWandbCallback(WandbLoggerCallback):
         # the run straight into the trial's results folder instead, so nothing is lost.
         if isinstance(trial.storage.storage_filesystem, pafs.LocalFileSystem):
             wandb_init_kwargs["dir"] = trial.storage.trial_fs_path
+        if not self._remote_logger_class:  # Ray's restarts its actors forever, and its core worker warns of that
+            env = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
+            self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(), max_restarts=0,
+                                                   runtime_env={"env_vars": env})(self._logger_actor_cls)
         super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
-        self._guard("log_trial_start", trial)
+        self._guard(lambda: super(TolerantWandbCallback, self).log_trial_start(trial))
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        self._guard("log_trial_result", iteration, trial, result)
+        """Ray's version waits for the trial's queue actor to take each result (seconds for the first one),
+        and the driver, so every trial, waited with it. Sent without waiting instead: one caller's calls
+        to one actor run in the order they were made."""
+        def send() -> None:
+            if trial not in self._trial_logging_actors:
+                self.log_trial_start(trial)
+            clean = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
+            self._trial_queues[trial].actor.put.remote((_QueueItem.RESULT, clean), None)
+
+        self._guard(send)
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        self._guard("log_trial_end", trial, failed)
+        self._guard(lambda: super(TolerantWandbCallback, self).log_trial_end(trial, failed))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._guard("on_experiment_end", trials, **info)
+        """Close every run still open (an interrupted search's too), then wait for them a bounded time.
+
+        Ray waits `upload_timeout` for runs whose trials never ended: 5 minutes after a Ctrl-C.
+        Offline runs are already on disk; closing them takes seconds.
+        """
+        def finish_all() -> None:
+            for trial in list(self._trial_queues):
+                self._trial_queues[trial].actor.put.remote((_QueueItem.END, None), None)
+            self._cleanup_logging_actors(timeout=self._upload_timeout, kill_on_timeout=True)
+
+        self._guard(finish_all)
 
 
 def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
@@ -332,11 +371,12 @@ def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
     The caller sets WANDB_MODE=offline in the driver's environment before Ray starts when there
     is no API key (see `search.configure_wandb`).
     """
+    offline = os.environ.get("WANDB_MODE") == "offline"
     return TolerantWandbCallback(
         project=project,
         group=experiment,
         log_config=False,
-        upload_timeout=300,  # at the end, wait at most this long for the runs to be written or uploaded
+        upload_timeout=20 if offline else 300,  # at the end, wait at most this long for the runs to be closed or uploaded
         excludes=["pid", "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
                   "checkpoint_dir_name", "timestamp", REPORTED_TIME_KEY, "started_at"],
         resume="allow",  # a restored trial continues its run (same id) instead of clashing with it

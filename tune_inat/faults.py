@@ -1,8 +1,8 @@
 """Test-only fault injection: make chosen trials fail or run out of memory at chosen epochs.
 
-`TUNE_INAT_FAULTS="2:3:error:1,4:2:oom:always"` makes trial 2 raise once at the start of epoch
-3 and trial 4 run out of memory at epoch 2 every time (trial numbers as in the
-`trial_<number>_<id>` folders). The search installs a `FaultInjector` as the trials'
+`TUNE_INAT_FAULTS="2:3:error:1,4:2:oom:always,1:2:slow:5"` makes trial 2 raise once at the start
+of epoch 3, trial 4 run out of memory at epoch 2 every time, and trial 1 wait 5 s before its
+epoch 2 (to change the order trials report in; trial numbers as in the `trial_<number>_<id>` folders). The search installs a `FaultInjector` as the trials'
 `before_epoch` hook only when the variable is set; a normal search has no hook at all.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import time
 
 import torch
 
@@ -22,18 +24,22 @@ class Fault:
 
     trial: int
     epoch: int
-    kind: str  # "error" or "oom"
+    kind: str  # "error", "oom" or "slow"
     times: int = 1
+    seconds: float = 0.0  # "slow": how long to wait
 
 
 def parse_faults(text: str | None) -> tuple[Fault, ...]:
     """"1:2:error:1,3:2:oom:always" -> Faults."""
     faults = []
     for item in filter(None, (text or "").split(",")):
-        trial, epoch, kind, *times = item.strip().split(":")
-        if kind not in ("error", "oom"):
-            raise ValueError(f"fault kind must be error or oom, got {kind!r}")
-        count = 0 if times and times[0] == "always" else int(times[0]) if times else 1
+        trial, epoch, kind, *extra = item.strip().split(":")
+        if kind not in ("error", "oom", "slow"):
+            raise ValueError(f"fault kind must be error, oom or slow, got {kind!r}")
+        if kind == "slow":
+            faults.append(Fault(int(trial), int(epoch), kind, 1, float(extra[0]) if extra else 5.0))
+            continue
+        count = 0 if extra and extra[0] == "always" else int(extra[0]) if extra else 1
         faults.append(Fault(int(trial), int(epoch), kind, count))
     return tuple(faults)
 
@@ -64,6 +70,9 @@ class FaultInjector:
             if fault.times and fired >= fault.times:
                 continue
             marker.write_text(str(fired + 1))
+            if fault.kind == "slow":
+                time.sleep(fault.seconds)
+                continue
             if fault.kind == "oom":
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected at epoch {epoch})")
             raise RuntimeError(f"injected fault at epoch {epoch}")

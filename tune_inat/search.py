@@ -255,6 +255,7 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
     from ray import tune
 
     from tune_inat.callbacks import ParquetResults, wandb_callback
+    from tune_inat.console import StatusReporter
     from tune_inat.space import searched_tune_space
     from tune_inat.strategies import scheduler_entry, searcher_entry
 
@@ -266,7 +267,7 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher.build(spec, searched_tune_space(spec)),
+            search_alg=searcher.build(spec, searched_tune_space(spec), resources.max_concurrent),
             scheduler=scheduler_entry(spec.options.scheduler).build(spec),
             num_samples=1 if searcher.expands_grid else spec.options.num_samples,
             max_concurrent_trials=resources.max_concurrent,
@@ -286,14 +287,10 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
             ),  # the best checkpoint, and Ray always keeps the latest too
             failure_config=tune.FailureConfig(max_failures=spec.options.max_failures),
             verbose=verbose,
-            progress_reporter=tune.CLIReporter(
-                parameter_columns=spec.searched(),
-                metric_columns=["epoch", "train_loss", "val_loss", "val_acc"],
-                sort_by_metric=True,
-                max_progress_rows=15,
-                max_error_rows=5,
-                max_report_frequency=30,
-            ),  # one status table every 30 s (used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets)
+            progress_reporter=StatusReporter(  # used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets
+                spec.metric, spec.mode, spec.searched(), spec.max_epochs,
+                1 if searcher.expands_grid else spec.options.num_samples, resources.max_concurrent,
+            ),
         ),
     )
 
@@ -534,15 +531,15 @@ def quiet_ray_console(verbose: bool) -> None:
             handler.addFilter(OnlyCritical())
 
 
-def connect_ray(address: str | None, dashboard: bool, worker_logs: bool) -> None:
+def connect_ray(address: str | None, dashboard: bool, worker_logs: bool, verbose: bool = False) -> None:
     """Start a local Ray on 127.0.0.1, or join `address`; an unreachable cluster is one clear line."""
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local cluster to 127.0.0.1
     import ray
 
+    level = logging.INFO if verbose else logging.ERROR  # Ray's own warnings (token auth, ...) only when verbose
     if address is None:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                 log_to_driver=worker_logs)
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=level, log_to_driver=worker_logs)
         return
     if address.startswith(("http://", "https://")):
         raise UserError(f"--address takes the cluster address HOST:PORT (GCS, port 6379 by default), not the "
@@ -555,7 +552,7 @@ def connect_ray(address: str | None, dashboard: bool, worker_logs: bool) -> None
             raise UserError(f"cannot reach a Ray cluster at {address} ({getattr(err, 'strerror', None) or err}); "
                             f"start one with `ray start --head` or check the address") from None
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=worker_logs)
+        ray.init(address=address, logging_level=level, log_to_driver=worker_logs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
 
@@ -597,6 +594,10 @@ def search_parser() -> argparse.ArgumentParser:
                          "many as the resources fit)")
     options.add_argument("--time-budget", default=None, help="stop launching and end the search after this long, e.g. 2h, 90m")
     options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials; default 0)")
+    options.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=None,
+                         help="take every searcher and scheduler decision in trial order, so the same seed, space and "
+                              "resources give the same trials, stops and winner (slower: trials wait at rungs); "
+                              "default: the space's (the demo space: on)")
     options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
     options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, "
                          "replacing the space's entry (repeatable), e.g. --set weights=none")
@@ -642,6 +643,7 @@ def build_spec(args: argparse.Namespace, base: SearchSpec | None = None) -> Sear
         max_concurrent_trials=args.max_concurrent_trials,
         time_budget_s=parse_duration(args.time_budget, "--time-budget") if args.time_budget else None,
         seed=args.seed,
+        reproducible=args.reproducible,
         max_failures=args.max_failures,
         split_seed=args.split_seed,
         val_fraction=args.val_fraction,
@@ -668,10 +670,11 @@ def resumed_plan(args: argparse.Namespace, place: SearchPlace) -> tuple[SearchSp
     return saved, data_config
 
 
-def quiet_ray_environment() -> None:
-    """Ray's console: one periodic status table instead of a box per result; no snapshot-rate warnings."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+def quiet_ray_environment(verbose: bool = False) -> None:
+    """Ray's console: our status block instead of its boxes and tables; its own log lines only when verbose."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy output engine, which takes our reporter
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -712,7 +715,7 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
     """The whole job: claim, plan, prepare, run, complete, summarise; the exit code says how it went."""
     if not (args.data or args.demo or args.resume):
         raise UserError("one of --data DIR or --demo is required (or --resume, to continue a saved search)")
-    quiet_ray_environment()
+    quiet_ray_environment(args.verbose or args.debug)
     check_writable(args.results, "results folder")
     if args.storage_path:
         check_writable(args.storage_path, "--storage-path")
@@ -751,7 +754,7 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         import ray
 
         quiet_ray_console(args.verbose or args.debug)
-        connect_ray(address, args.dashboard, args.worker_logs)
+        connect_ray(address, args.dashboard, args.worker_logs, args.verbose or args.debug)
         quiet_ray_console(args.verbose or args.debug)  # ray.init may have set up its handler anew
         start = time.monotonic()
         try:

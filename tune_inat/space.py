@@ -72,6 +72,7 @@ class SearchOptions:
     max_failures: int = 1
     val_fraction: float = 0.2
     split_seed: int = 0
+    reproducible: bool = False  # decisions in trial order: the same seed gives the same trials and winner
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,11 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
         raise _fail(source, "tune_inat.scheduler", f"options must be a mapping, got {options.scheduler_options!r}")
     checked["scheduler_options"] = scheduler_options(options.scheduler, options.scheduler_options,
                                                      f"{source}: tune_inat.scheduler")
+    if not isinstance(options.reproducible, bool):
+        raise _fail(source, "tune_inat.reproducible", f"must be true or false, got {options.reproducible!r}")
+    if options.reproducible and not SCHEDULERS[options.scheduler].reproducible:
+        raise _fail(source, "tune_inat.reproducible", f"scheduler {options.scheduler} cannot decide in trial order; "
+                    f"use {', '.join(n for n, e in SCHEDULERS.items() if e.reproducible)}, or reproducible: false")
     if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
         raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
     gpus = checked["gpus_per_trial"]

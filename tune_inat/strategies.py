@@ -37,6 +37,7 @@ class Scheduler:
     help: str
     build: Callable[[SearchSpec], Any]
     options: dict[str, Option] = field(default_factory=dict)
+    reproducible: bool = True  # its decisions can be made independent of timing (in the reproducible mode)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Searcher:
 
     name: str
     help: str
-    build: Callable[[SearchSpec, dict[str, Any]], Any]  # (spec, the Ray Tune space of searched settings)
+    build: Callable[[SearchSpec, dict[str, Any], int], Any]  # (spec, Ray Tune space of searched settings, trials at once)
     expands_grid: bool = False  # runs every combination of the listed values once (no num_samples)
     needs_values: bool = False  # takes only value/values, no distributions
     schedulers: tuple[str, ...] = ()  # the schedulers it works with; empty: any
@@ -112,10 +113,12 @@ def _build_fifo(spec: SearchSpec) -> Any:
 def _build_asha(spec: SearchSpec) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
+    from tune_inat.schedulers import OrderedASHA
+
     options = spec.options.scheduler_options
-    return ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
-                         grace_period=min(options["grace_period"], spec.max_epochs),
-                         reduction_factor=options["reduction_factor"])
+    rungs = dict(time_attr="epoch", max_t=spec.max_epochs, grace_period=min(options["grace_period"], spec.max_epochs),
+                 reduction_factor=options["reduction_factor"])
+    return OrderedASHA(**rungs) if spec.options.reproducible else ASHAScheduler(**rungs)
 
 
 RUNG_OPTIONS = {
@@ -133,13 +136,13 @@ register_scheduler(Scheduler(
 # -- searchers ----------------------------------------------------------------------------------
 
 
-def _build_optuna(spec: SearchSpec, space: dict[str, Any]) -> Any:
+def _build_optuna(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> Any:
     from tune_inat.searchers import optuna_searcher
 
-    return optuna_searcher(spec, space)
+    return optuna_searcher(spec, space, max_concurrent)
 
 
-def _build_variants(spec: SearchSpec, space: dict[str, Any]) -> Any:
+def _build_variants(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=spec.options.seed)
