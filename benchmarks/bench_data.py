@@ -17,8 +17,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -35,23 +35,44 @@ def seeds_loader(root: Path, batch: int, workers: int, device: torch.device) -> 
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    loader = DataLoader(datasets.ImageFolder(root / "train", transform), batch_size=batch, shuffle=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    loader = DataLoader(
+        datasets.ImageFolder(root / "train", transform),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     return lambda epoch: ((images.to(device, non_blocking=True), labels) for images, labels in loader)
 
 
-def our_loader(root: Path, cache_dir: Path, batch: int, workers: int, device: torch.device) -> tuple[float, Callable[[int], Iterator]]:
+def our_loader(
+    root: Path, cache_dir: Path, batch: int, workers: int, device: torch.device
+) -> tuple[float, Callable[[int], Iterator]]:
     """(seconds to build the cache, our batches of an epoch), warmed by one epoch as every later epoch is."""
     start = time.perf_counter()
     data = prepare_train_val(DataConfig(root, cache_dir, val_fraction=0.01, progress=False), 224)
     build = time.perf_counter() - start
-    batches = DeviceBatches(data.cache.open_images(), data.labels, data.train_rows, batch_size=batch, image_size=224,
-                            device=device, train=True, augmentation=Augmentation(), channels_last=device.type == "cuda",
-                            cpu_workers=workers)
+    batches = DeviceBatches(
+        data.cache.open_images(),
+        data.labels,
+        data.train_rows,
+        batch_size=batch,
+        image_size=224,
+        device=device,
+        train=True,
+        augmentation=Augmentation(),
+        channels_last=device.type == "cuda",
+        cpu_workers=workers,
+    )
     _epoch_rate(batches.epoch(0), device)  # the page cache and the kernels
     return build, batches.epoch
 
@@ -70,7 +91,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=5, help="timed epochs of each pipeline, interleaved; the median is reported")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="timed epochs of each pipeline, interleaved; the median is reported"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "tune-inat-bench-jpegs")
     args = parser.parse_args()
@@ -86,19 +109,34 @@ def main() -> None:
             ours.append(_epoch_rate(our_epoch(epoch), device))
     seeds_rate, ours_rate = statistics.median(seeds), statistics.median(ours)
     rows = [
-        {"pipeline": f"seeds: ImageFolder + PIL transforms, DataLoader({args.workers} workers)", "images_per_second": seeds_rate,
-         "epochs_min_max": f"{min(seeds):.0f}-{max(seeds):.0f}", "speedup": 1.0},
-        {"pipeline": f"ours: uint8 cache + batch augmentation on {device.type}, {args.workers} threads", "images_per_second": ours_rate,
-         "epochs_min_max": f"{min(ours):.0f}-{max(ours):.0f}", "speedup": ours_rate / seeds_rate},
-        {"pipeline": "ours, one-off: decoding the cache", "images_per_second": args.images / build, "epochs_min_max": "",
-         "speedup": float("nan")},
-    ]  # fmt: skip
-    notes = (f"{args.images} JPEGs of 800x600, batch {args.batch}, 224 px random resized crops + flips, {device}; "
-             f"median of {args.epochs} epochs each, the two pipelines' epochs interleaved (ours after a warm-up epoch). The cache is built once per dataset and "
-             f"resolution ({build:.1f} s here) and reused by every later epoch, trial and search; the seeds' pipeline "
-             f"decodes every image every epoch. Both use {args.workers} workers (ours: threads making whole batches; the "
-             f"seeds': DataLoader processes) in the same process setting (glibc keeps freed memory for reuse: "
-             f"tune_inat.host_memory, as CPU training does).")
+        {
+            "pipeline": f"seeds: ImageFolder + PIL transforms, DataLoader({args.workers} workers)",
+            "images_per_second": seeds_rate,
+            "epochs_min_max": f"{min(seeds):.0f}-{max(seeds):.0f}",
+            "speedup": 1.0,
+        },
+        {
+            "pipeline": f"ours: uint8 cache + batch augmentation on {device.type}, {args.workers} threads",
+            "images_per_second": ours_rate,
+            "epochs_min_max": f"{min(ours):.0f}-{max(ours):.0f}",
+            "speedup": ours_rate / seeds_rate,
+        },
+        {
+            "pipeline": "ours, one-off: decoding the cache",
+            "images_per_second": args.images / build,
+            "epochs_min_max": "",
+            "speedup": float("nan"),
+        },
+    ]
+    notes = (
+        f"{args.images} JPEGs of 800x600, batch {args.batch}, 224 px random resized crops + flips, {device}; "
+        f"median of {args.epochs} epochs each, the two pipelines' epochs interleaved (ours after a warm-up epoch). "
+        f"The cache is built once per dataset and "
+        f"resolution ({build:.1f} s here) and reused by every later epoch, trial and search; the seeds' pipeline "
+        f"decodes every image every epoch. Both use {args.workers} workers (ours: threads making whole batches; the "
+        f"seeds': DataLoader processes) in the same process setting (glibc keeps freed memory for reuse: "
+        f"tune_inat.host_memory, as CPU training does)."
+    )
     write_results("bench_data", rows, notes)
 
 

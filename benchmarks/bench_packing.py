@@ -34,11 +34,31 @@ def packing_point(trials: int, args: argparse.Namespace, data: Path, work: Path)
         "batch_size": args.batch, "lr": 1e-3, "epochs": args.epochs, "augment": True,
     })  # fmt: skip
     cpus = max(1.0, (os.cpu_count() or 2) / trials) if gpu else (os.cpu_count() or 2) / trials
-    folder = run_search_cli([
-        "--data", str(data), "--cache-dir", str(work / "cache"), "--space", str(space), "--name", f"packing-{trials}",
-        "--searcher", "random", "--scheduler", "fifo", "--num-samples", str(trials), "--max-concurrent-trials", str(trials),
-        "--gpus-per-trial", str(1 / trials if gpu else 0), "--cpus-per-trial", f"{cpus:g}",
-    ], work / "results")  # fmt: skip
+    folder = run_search_cli(
+        [
+            "--data",
+            str(data),
+            "--cache-dir",
+            str(work / "cache"),
+            "--space",
+            str(space),
+            "--name",
+            f"packing-{trials}",
+            "--searcher",
+            "random",
+            "--scheduler",
+            "fifo",
+            "--num-samples",
+            str(trials),
+            "--max-concurrent-trials",
+            str(trials),
+            "--gpus-per-trial",
+            str(1 / trials if gpu else 0),
+            "--cpus-per-trial",
+            f"{cpus:g}",
+        ],
+        work / "results",
+    )
     epochs = pd.read_parquet(folder / "epochs.parquet")
     trials_table = pd.read_parquet(folder / "trials.parquet")
     steady = epochs[epochs["epoch"] > 1].groupby("trial_id")
@@ -57,13 +77,17 @@ def packing_point(trials: int, args: argparse.Namespace, data: Path, work: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--trials", type=int, nargs="+", default=None, help="trials sharing the device (GPU: 1 2 4 8; CPU: 1 2)")
+    parser.add_argument(
+        "--trials", type=int, nargs="+", default=None, help="trials sharing the device (GPU: 1 2 4 8; CPU: 1 2)"
+    )
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--freeze", type=float, default=0.8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=None, help="default 224 on a GPU, 64 on the CPU")
     parser.add_argument("--epochs", type=int, default=None, help="default 4 on a GPU, 3 on the CPU")
-    parser.add_argument("--images", type=int, default=None, help="JPEGs in the folder (default 3000 on a GPU, 400 on the CPU)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="JPEGs in the folder (default 3000 on a GPU, 400 on the CPU)"
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.trials = args.trials or ([1, 2, 4, 8] if gpu else [1, 2])
@@ -79,10 +103,12 @@ def main() -> None:
     alone = rows[0]["aggregate_img_s"]
     for row in rows:
         row["vs_one_trial"] = row["aggregate_img_s"] / alone
-    notes = (f"{args.backbone}, freeze {args.freeze}, batch {args.batch}, {args.image_size} px, {args.epochs} epochs, "
-             f"{images} iNat-like JPEGs, random init (weights do not change speed), {args.device}. Each row is one real "
-             f"search of identical trials running together; aggregate = sum of the trials' median images/s after epoch 1. "
-             f"startup_s_max: the slowest trial's start to its first training step.")
+    notes = (
+        f"{args.backbone}, freeze {args.freeze}, batch {args.batch}, {args.image_size} px, {args.epochs} epochs, "
+        f"{images} iNat-like JPEGs, random init (weights do not change speed), {args.device}. Each row is one real "
+        f"search of identical trials running together; aggregate = sum of the trials' median images/s after epoch 1. "
+        f"startup_s_max: the slowest trial's start to its first training step."
+    )
     write_results("bench_packing", rows, notes)
 
 

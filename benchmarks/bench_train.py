@@ -45,8 +45,14 @@ def ours(settings: TrainConfig, data: TrainValData, device: torch.device, steps:
     batches = _repeat(run.train_batches)
 
     def train(count: int) -> float:
-        metrics = train_one_epoch(run.forward_model, itertools.islice(batches, count), run.optimizer, run.scheduler,
-                                  run.criterion, run.precision)
+        metrics = train_one_epoch(
+            run.forward_model,
+            itertools.islice(batches, count),
+            run.optimizer,
+            run.scheduler,
+            run.criterion,
+            run.precision,
+        )
         return metrics["train_images"]
 
     train(max(2, steps // 5))  # warm-up: cuDNN autotuning, allocator, page cache
@@ -66,12 +72,16 @@ def _repeat(batches):
 def plain(settings: TrainConfig, data: TrainValData, device: torch.device, steps: int) -> float:
     """The seeds' loop: fp32, model.train() everywhere, Adam, loss.item() every batch, same batches."""
     torch.manual_seed(0)
-    model = build_model(settings.backbone, len(data.classes), settings.weights, settings.image_size, settings.freeze_fraction)
+    model = build_model(
+        settings.backbone, len(data.classes), settings.weights, settings.image_size, settings.freeze_fraction
+    )
     net = model.net.to(device)
     net.train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=settings.lr)
     criterion = nn.CrossEntropyLoss()
-    run_batches = FineTuning(TrainConfig(**{**settings.to_dict(), "frozen_features": False}), data, device).train_batches
+    run_batches = FineTuning(
+        TrainConfig(**{**settings.to_dict(), "frozen_features": False}), data, device
+    ).train_batches
     iterator = _repeat(run_batches)
     seen, warm = 0, max(2, steps // 5)
     for index in range(warm + steps):
@@ -111,7 +121,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--images", type=int, default=60, help="demo images per class")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile on the first backbone, f = 0")
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure torch.compile on the first backbone, f = 0"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -121,30 +133,72 @@ def main() -> None:
     for backbone in args.backbones:
         weights = "imagenet" if is_weights_cached(backbone) else "none"
         for freeze in FREEZE:
-            settings = TrainConfig(backbone=backbone, weights=weights, image_size=args.image_size, freeze_fraction=freeze,
-                                   batch_size=args.batch, lr=1e-4)
+            settings = TrainConfig(
+                backbone=backbone,
+                weights=weights,
+                image_size=args.image_size,
+                freeze_fraction=freeze,
+                batch_size=args.batch,
+                lr=1e-4,
+            )
             ours_rate = ours(settings, data, device, args.steps)
             plain_rate = plain(settings, data, device, args.steps)
-            rows.append({"backbone": backbone, "freeze": freeze, "ours_img_s": ours_rate, "plain_fp32_img_s": plain_rate,
-                         "speedup": ours_rate / plain_rate})
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "freeze": freeze,
+                    "ours_img_s": ours_rate,
+                    "plain_fp32_img_s": plain_rate,
+                    "speedup": ours_rate / plain_rate,
+                }
+            )
             print(rows[-1], flush=True)
-    head_only = TrainConfig(backbone="resnet50", weights="imagenet" if is_weights_cached("resnet50") else "none",
-                            image_size=args.image_size, freeze_fraction=1.0, augment=False, batch_size=args.batch, lr=1e-3)
+    head_only = TrainConfig(
+        backbone="resnet50",
+        weights="imagenet" if is_weights_cached("resnet50") else "none",
+        image_size=args.image_size,
+        freeze_fraction=1.0,
+        augment=False,
+        batch_size=args.batch,
+        lr=1e-3,
+    )
     recomputed, _ = epoch_seconds(TrainConfig(**{**head_only.to_dict(), "frozen_features": False}), data, device)
     cached, built = epoch_seconds(head_only, data, device)
-    rows.append({"backbone": "resnet50 head only (f=1, no augmentation)", "freeze": 1.0,
-                 "ours_img_s": f"epoch {cached:.3f} s with cached features",
-                 "plain_fp32_img_s": f"epoch {recomputed:.3f} s recomputing", "speedup": recomputed / cached})
+    rows.append(
+        {
+            "backbone": "resnet50 head only (f=1, no augmentation)",
+            "freeze": 1.0,
+            "ours_img_s": f"epoch {cached:.3f} s with cached features",
+            "plain_fp32_img_s": f"epoch {recomputed:.3f} s recomputing",
+            "speedup": recomputed / cached,
+        }
+    )
     if args.compile:
-        settings = TrainConfig(backbone=args.backbones[0], weights="none", image_size=args.image_size, freeze_fraction=0.0,
-                               batch_size=args.batch, lr=1e-4)
+        settings = TrainConfig(
+            backbone=args.backbones[0],
+            weights="none",
+            image_size=args.image_size,
+            freeze_fraction=0.0,
+            batch_size=args.batch,
+            lr=1e-4,
+        )
         eager = ours(settings, data, device, args.steps)
         compiled = ours(TrainConfig(**{**settings.to_dict(), "compile": True}), data, device, args.steps)
-        rows.append({"backbone": f"{args.backbones[0]} torch.compile", "freeze": 0.0, "ours_img_s": compiled,
-                     "plain_fp32_img_s": f"eager {eager:.1f}", "speedup": compiled / eager})
-    notes = (f"{device}, {args.image_size} px, batch {args.batch}, {args.steps} timed steps after warm-up; weights: ImageNet "
-             f"where cached, else random init (same speed). The head-only row: one training epoch over {len(data.train_rows)} "
-             f"images; the cached run first computed the features once ({built:.2f} s, shared by every trial with this prefix).")
+        rows.append(
+            {
+                "backbone": f"{args.backbones[0]} torch.compile",
+                "freeze": 0.0,
+                "ours_img_s": compiled,
+                "plain_fp32_img_s": f"eager {eager:.1f}",
+                "speedup": compiled / eager,
+            }
+        )
+    notes = (
+        f"{device}, {args.image_size} px, batch {args.batch}, {args.steps} timed steps after warm-up; "
+        f"weights: ImageNet where cached, else random init (same speed). The head-only row: one training epoch "
+        f"over {len(data.train_rows)} images; the cached run first computed the features once ({built:.2f} s, "
+        f"shared by every trial with this prefix)."
+    )
     write_results("bench_train", rows, notes)
 
 

@@ -30,8 +30,8 @@ def machine() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     try:
-        import torchvision
         import ray
+        import torchvision
 
         info.update(torchvision=torchvision.__version__, ray=ray.__version__)
     except ImportError:
@@ -39,8 +39,10 @@ def machine() -> dict:
     return info
 
 
-def inat_like_folder(root: Path, images: int, classes: int = 10, size: tuple[int, int] = (800, 600), seed: int = 0) -> Path:
-    """`root/train/<class>/*.jpg`: smooth photo-like 800x600 JPEGs (about 60-120 KB each, like iNat's), written in parallel."""
+def inat_like_folder(
+    root: Path, images: int, classes: int = 10, size: tuple[int, int] = (800, 600), seed: int = 0
+) -> Path:
+    """`root/train/<class>/*.jpg`: smooth photo-like 800x600 JPEGs (60-120 KB, like iNat's), written in parallel."""
     marker = root / f".complete-{images}"
     if marker.exists():
         return root
@@ -62,7 +64,9 @@ def _write_jpeg(job: tuple[Path, tuple[int, int], int, int]) -> None:
     path, (width, height), seed, index = job
     rng = np.random.default_rng([seed, index])
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    waves = sum(np.sin(xx * rng.uniform(0.005, 0.05) + yy * rng.uniform(0.005, 0.05) + rng.uniform(0, 6)) for _ in range(3))
+    waves = sum(
+        np.sin(xx * rng.uniform(0.005, 0.05) + yy * rng.uniform(0.005, 0.05) + rng.uniform(0, 6)) for _ in range(3)
+    )
     pixels = rng.uniform(40, 200, 3) + 40 * waves[..., None] + rng.normal(0, 6, (height, width, 3))
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=85)
 
@@ -80,8 +84,13 @@ def run_search_cli(arguments: list[str], results: Path) -> Path:
 
 def write_space(path: Path, parameters: dict, method: str = "random") -> Path:
     """A search-space YAML (W&B sweep format): a dict value is a searched parameter, anything else is fixed."""
-    space = {"method": method, "metric": {"name": "val_acc", "goal": "maximize"},
-             "parameters": {name: value if isinstance(value, dict) else {"value": value} for name, value in parameters.items()}}
+    space = {
+        "method": method,
+        "metric": {"name": "val_acc", "goal": "maximize"},
+        "parameters": {
+            name: value if isinstance(value, dict) else {"value": value} for name, value in parameters.items()
+        },
+    }
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
 
@@ -90,8 +99,14 @@ def write_results(name: str, rows: list[dict], notes: str = "") -> None:
     """benchmarks/results/<name>.json and .md, with the machine and the exact command."""
     RESULTS.mkdir(exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command, "machine": machine(),
-              "rows": rows, "notes": notes}
+    record = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "machine": machine(),
+        "rows": rows,
+        "notes": notes,
+    }
     suffix = "" if record["machine"]["device"] == "cpu" else "_gpu"
     (RESULTS / f"{name}{suffix}.json").write_text(json.dumps(record, indent=2))
     columns = list(rows[0]) if rows else []

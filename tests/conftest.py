@@ -28,8 +28,14 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def write_image(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", fmt: str | None = None,
-                seed: int = 0, **save_kwargs) -> Path:
+def write_image(
+    path: Path,
+    size: tuple[int, int] = (40, 30),
+    mode: str = "RGB",
+    fmt: str | None = None,
+    seed: int = 0,
+    **save_kwargs,
+) -> Path:
     """A small random image in any Pillow mode and format."""
     rng = np.random.default_rng(seed)
     width, height = size
@@ -89,7 +95,15 @@ def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathF
     spec = load_space("demo")
     data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)
     results = tmp_path_factory.mktemp("results")
-    outcome = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "demo-test", verbose=0,
-                         wandb_project="tune-inat-tests")
-    return SimpleNamespace(spec=spec, grid=outcome.grid, outcome=outcome, folder=results / "demo-test",
-                           data_config=data_config)
+    outcome = run_search(
+        spec,
+        data_config,
+        prepare_data(spec, data_config),
+        str(results),
+        "demo-test",
+        verbose=0,
+        wandb_project="tune-inat-tests",
+    )
+    return SimpleNamespace(
+        spec=spec, grid=outcome.grid, outcome=outcome, folder=results / "demo-test", data_config=data_config
+    )

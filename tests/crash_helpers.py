@@ -8,26 +8,47 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
-
 # 2 trials of 3 epochs on the demo folder, at 32 px: each run takes seconds, both trials at once
-SMALL_SEARCH = ["--demo", "--num-samples", "2", "--max-epochs", "3", "--scheduler", "fifo", "--cpus-per-trial", "1",
-                "--set", "backbone=resnet18", "--set", "image_size=32", "--quiet", "--no-wandb"]
+SMALL_SEARCH = [
+    "--demo",
+    "--num-samples",
+    "2",
+    "--max-epochs",
+    "3",
+    "--scheduler",
+    "fifo",
+    "--cpus-per-trial",
+    "1",
+    "--set",
+    "backbone=resnet18",
+    "--set",
+    "image_size=32",
+    "--quiet",
+    "--no-wandb",
+]
 
 
 def start_search(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     """`python -m tune_inat.search ARGS` in its own process group (so the test can kill all of it)."""
-    return subprocess.Popen([sys.executable, "-m", "tune_inat.search", *args], cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tune_inat.search", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 240,
-               poll: float = 0.01) -> None:
+def wait_until(
+    condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 240, poll: float = 0.01
+) -> None:
     deadline = time.time() + timeout
     while not condition():
         if process.poll() is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from tune_inat.analyze import PLOTS, best_per_backbone, compute_saved, importance, load_search
 
 

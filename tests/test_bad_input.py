@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from conftest import make_folder, write_image
+
 from tune_inat.search import main as search_main
 
 
@@ -73,7 +73,9 @@ SPACE_ERRORS = {
         ("weights:offline", "cannot download the ImageNet weights of resnet50"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(case: str, message: str, tmp_path: Path, demo_root: Path, capsys, monkeypatch) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    case: str, message: str, tmp_path: Path, demo_root: Path, capsys, monkeypatch
+) -> None:
     kind, detail = case.split(":")
     args = ["--results", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), "--no-wandb", "--quiet"]
     data = ["--data", str(demo_root)]
@@ -111,7 +113,19 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
 
 def test_results_already_written_survive_a_bad_resume(demo_search, capsys) -> None:
     before = {p: p.stat().st_mtime_ns for p in demo_search.folder.glob("*.parquet")}
-    code = search_main(["--data", "/nonexistent", "--space", "demo", "--results", str(demo_search.folder.parent),
-                                  "--name", demo_search.folder.name, "--resume", "--no-wandb"])
+    code = search_main(
+        [
+            "--data",
+            "/nonexistent",
+            "--space",
+            "demo",
+            "--results",
+            str(demo_search.folder.parent),
+            "--name",
+            demo_search.folder.name,
+            "--resume",
+            "--no-wandb",
+        ]
+    )
     assert code == 2 and f"--resume continues search {demo_search.folder.name} on" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in demo_search.folder.glob("*.parquet")} == before

@@ -52,7 +52,9 @@ def test_crops_follow_random_resized_crop_rules() -> None:
 def test_cpu_and_gpu_resampling_agree() -> None:
     """The CPU path (uint8 per crop) and the GPU path (one grid_sample) make the same crops."""
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
-    images = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 5, 1, 2).permute(0, 2, 3, 1).to(torch.uint8)
+    images = (
+        torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 5, 1, 2).permute(0, 2, 3, 1).to(torch.uint8)
+    )
     crops = sample_crops(6, 64, Augmentation(crop_scale_min=0.5), torch.Generator().manual_seed(3))
     each, grid = crop_resize_each(images, crops, 48, normalize=False), crop_resize_grid(images, crops, 48)
     assert each.shape == grid.shape == (6, 3, 48, 48)
@@ -85,8 +87,9 @@ def test_batches_made_in_threads_equal_those_made_inline() -> None:
 
 
 def test_augmentation_is_seeded_by_epoch() -> None:
-    batches = DeviceBatches(_images(), np.arange(10) % 2, np.arange(10), batch_size=4, image_size=16,
-                            device=CPU, train=True, seed=3)
+    batches = DeviceBatches(
+        _images(), np.arange(10) % 2, np.arange(10), batch_size=4, image_size=16, device=CPU, train=True, seed=3
+    )
     first = [x for x, _ in batches.epoch(0)]
     again = [x for x, _ in batches.epoch(0)]
     other = [x for x, _ in batches.epoch(1)]
@@ -116,14 +119,18 @@ def test_eval_batches_cover_every_row_once_with_matching_labels() -> None:
 
 
 def test_a_tiny_train_set_still_gives_one_batch() -> None:
-    batches = DeviceBatches(_images(), np.zeros(10, int), np.arange(3), batch_size=8, image_size=16, device=CPU, train=True)
+    batches = DeviceBatches(
+        _images(), np.zeros(10, int), np.arange(3), batch_size=8, image_size=16, device=CPU, train=True
+    )
     assert len(batches) == 1 and next(iter(batches.epoch(0)))[0].shape[0] == 3
 
 
 def test_colour_jitter_changes_images_but_keeps_range() -> None:
     images = torch.from_numpy(_images())
     plain = augment(images, sample_crops(10, 20, Augmentation(color_jitter=0.0), torch.Generator().manual_seed(1)), 16)
-    jittered = augment(images, sample_crops(10, 20, Augmentation(color_jitter=0.4), torch.Generator().manual_seed(1)), 16)
+    jittered = augment(
+        images, sample_crops(10, 20, Augmentation(color_jitter=0.4), torch.Generator().manual_seed(1)), 16
+    )
     assert not torch.allclose(plain, jittered)
     low = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
     high = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)

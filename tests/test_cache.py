@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_folder, write_image
 from PIL import Image
 
-from conftest import make_folder, write_image
 from tune_inat.data.cache import build_or_load_cache, cache_key
 from tune_inat.data.dataset import DataConfig, prepare_test, prepare_train_val
 from tune_inat.data.decode import decode_image, stored_size_for
@@ -28,8 +28,21 @@ def test_stored_size_keeps_the_classic_eval_crop() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"),
-     ("1", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF"), ("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF")],
+    [
+        ("RGB", "JPEG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("LA", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("P", "GIF"),
+        ("I;16", "PNG"),
+        ("I", "TIFF"),
+        ("F", "TIFF"),
+    ],
 )
 def test_every_mode_decodes_to_square_rgb(tmp_path: Path, mode: str, fmt: str) -> None:
     path = write_image(tmp_path / f"img.{fmt.lower()}", size=(50, 30), mode=mode, fmt=fmt)
@@ -165,8 +178,12 @@ BUILD_SCRIPT = textwrap.dedent(
 def test_two_processes_building_the_same_cache_build_it_once(tmp_path: Path, cache_dir: Path) -> None:
     make_folder(tmp_path / "data", {"a": 60, "b": 60})
     procs = [
-        subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "data"), str(cache_dir)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_SCRIPT, str(tmp_path / "data"), str(cache_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -87,24 +86,71 @@ def test_demo_search_as_a_ray_job_on_a_token_auth_head(tmp_path: Path) -> None:
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-         f"--object-manager-port={object_manager}", f"--runtime-env-agent-port={runtime_env}",
-         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--runtime-env-agent-port={runtime_env}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     results = tmp_path / "results"
     try:
         _wait_for_dashboard(address, head)
         submit = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             sys.executable, "-m", "tune_inat.search", "--demo", "--num-samples", "2", "--max-epochs", "1",
-             "--set", "backbone=resnet18", "--set", "image_size=32", "--cpus-per-trial", "1",
-             "--results", str(results), "--name", "job", "--quiet", "--no-wandb"],
-            env=env, capture_output=True, text=True, timeout=600,
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO),
+                "--",
+                sys.executable,
+                "-m",
+                "tune_inat.search",
+                "--demo",
+                "--num-samples",
+                "2",
+                "--max-epochs",
+                "1",
+                "--set",
+                "backbone=resnet18",
+                "--set",
+                "image_size=32",
+                "--cpus-per-trial",
+                "1",
+                "--results",
+                str(results),
+                "--name",
+                "job",
+                "--quiet",
+                "--no-wandb",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "succeeded" in (submit.stdout + submit.stderr)
@@ -113,8 +159,13 @@ def test_demo_search_as_a_ray_job_on_a_token_auth_head(tmp_path: Path) -> None:
         epochs = pd.read_parquet(results / "job" / "epochs.parquet")
         assert len(trials) == 2 and (trials["status"] == "completed").all()
         assert len(epochs) == 2 and (epochs["epoch"] == 1).all()
-        unauthenticated = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True,
-                                         env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, timeout=60)
+        unauthenticated = subprocess.run(
+            [RAY, "job", "list", "--address", address],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+            timeout=60,
+        )
         assert unauthenticated.returncode != 0  # the head refuses callers without the token
     finally:
         _stop(head)

@@ -8,30 +8,57 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
 
 CONSOLE_LINE_BUDGET = 45  # the demo's whole console (README, "The demo's console"): status blocks, leaderboard, paths
-RAY_INTERNALS = [r"WARNING", r"core_worker", r"Result logdir", r"Tuner\.restore", r"Could not fetch metrics",
-                 r"== Status ==", r"[Aa]uthentication", r"A new study created", r"operation took",
-                 r"Traceback", r"\.py:\d+ --", r"logging\.cc"]
+RAY_INTERNALS = [
+    r"WARNING",
+    r"core_worker",
+    r"Result logdir",
+    r"Tuner\.restore",
+    r"Could not fetch metrics",
+    r"== Status ==",
+    r"[Aa]uthentication",
+    r"A new study created",
+    r"operation took",
+    r"Traceback",
+    r"\.py:\d+ --",
+    r"logging\.cc",
+]
 
 
 def _by_trial_number(folder: Path) -> pd.DataFrame:
     trials = pd.read_parquet(folder / "trials.parquet")
     numbers = {p.name.split("_")[2]: int(p.name.split("_")[1]) for p in folder.glob("trial_*_*")}
     trials["number"] = trials["trial_id"].map(numbers)
-    columns = ["number", "backbone", "freeze_fraction", "lr", "batch_size", "status", "epochs_run", "best_val_acc",
-               "best_epoch"]
+    columns = [
+        "number",
+        "backbone",
+        "freeze_fraction",
+        "lr",
+        "batch_size",
+        "status",
+        "epochs_run",
+        "best_val_acc",
+        "best_epoch",
+    ]
     return trials[columns].sort_values("number").reset_index(drop=True)
 
 
 @pytest.mark.slow
 def test_the_demo_repeats_exactly_and_its_console_is_short(demo_search, tmp_path: Path) -> None:
     """The demo again, from the command line, with trial 1 held back 4 s so trials report in another order."""
-    result = run_cli("tune_inat.search", "--demo", "--name", "again", "--results", str(tmp_path / "results"),
-                     env={"TUNE_INAT_CACHE": str(tmp_path / "cache"), "TUNE_INAT_FAULTS": "1:1:slow:4",
-                          "WANDB_MODE": "offline"}, timeout=900, cwd=tmp_path)
+    result = run_cli(
+        "tune_inat.search",
+        "--demo",
+        "--name",
+        "again",
+        "--results",
+        str(tmp_path / "results"),
+        env={"TUNE_INAT_CACHE": str(tmp_path / "cache"), "TUNE_INAT_FAULTS": "1:1:slow:4", "WANDB_MODE": "offline"},
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = _by_trial_number(demo_search.folder), _by_trial_number(tmp_path / "results" / "again")
     pd.testing.assert_frame_equal(first, second)  # the same trials, the same stops, the same scores
@@ -64,9 +91,16 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from tune_inat.train import train_parser
 
     found = {}
-    for name, parser in {"search": search_parser(), "train": train_parser(), "analyze": analyze_parser(),
-                         "final": final_parser(), "predict": predict_parser(), "clean": clean_parser(),
-                         "data": data_parser(), "models": models_parser()}.items():
+    for name, parser in {
+        "search": search_parser(),
+        "train": train_parser(),
+        "analyze": analyze_parser(),
+        "final": final_parser(),
+        "predict": predict_parser(),
+        "clean": clean_parser(),
+        "data": data_parser(),
+        "models": models_parser(),
+    }.items():
         found[name] = parser
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
@@ -102,8 +136,15 @@ def test_help_shows_defaults_and_choices() -> None:
 
 
 def test_missing_weights_name_every_backbone_and_the_flag(tmp_path: Path) -> None:
-    result = run_cli("tune_inat.search", "--data", str(tmp_path), "--space", "quick", "--no-wandb",
-                     env={"TORCH_HOME": str(tmp_path / "empty-torch-home")})
+    result = run_cli(
+        "tune_inat.search",
+        "--data",
+        str(tmp_path),
+        "--space",
+        "quick",
+        "--no-wandb",
+        env={"TORCH_HOME": str(tmp_path / "empty-torch-home")},
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1
     for backbone in ("resnet50", "efficientnet_v2_s", "convnext_tiny"):
@@ -113,10 +154,13 @@ def test_missing_weights_name_every_backbone_and_the_flag(tmp_path: Path) -> Non
 
 
 def test_make_demo_says_where_it_wrote_and_check_counts_the_test_set(tmp_path: Path) -> None:
-    made = run_cli("tune_inat.data", "make-demo", str(tmp_path / "demo"), "--train-per-class", "4", "--test-per-class", "2")
+    made = run_cli(
+        "tune_inat.data", "make-demo", str(tmp_path / "demo"), "--train-per-class", "4", "--test-per-class", "2"
+    )
     assert made.returncode == 0 and str(tmp_path / "demo") in made.stdout
-    checked = run_cli("tune_inat.data", "check", str(tmp_path / "demo"), "--image-size", "32", "--cache-dir",
-                      str(tmp_path / "cache"))
+    checked = run_cli(
+        "tune_inat.data", "check", str(tmp_path / "demo"), "--image-size", "32", "--cache-dir", str(tmp_path / "cache")
+    )
     assert checked.returncode == 0, checked.stderr[-2000:]
     assert "30 train + 10 validation + 20 test images" in checked.stdout
 

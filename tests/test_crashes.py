@@ -7,15 +7,20 @@ every epoch Ray recorded (each trial's `result.json`), once each, epochs 1..n wi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
 from crash_helpers import (
-    SMALL_SEARCH, assert_complete, checkpointed_epochs, kill_group, start_search, wait_until, written_epochs,
+    SMALL_SEARCH,
+    assert_complete,
+    checkpointed_epochs,
+    kill_group,
+    start_search,
+    wait_until,
+    written_epochs,
 )
 
 TRIALS, EPOCHS = 2, 3
@@ -60,7 +65,9 @@ def test_sigkill_at_any_moment_then_resume_loses_nothing(moment: str, tmp_path: 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr
     assert_complete(folder, TRIALS, EPOCHS)
-    if before is not None:  # rows written before the kill are kept as they were (an epoch re-run keeps its first record)
+    if (
+        before is not None
+    ):  # rows written before the kill are kept as they were (an epoch re-run keeps its first record)
         after = pd.read_parquet(folder / "epochs.parquet")
         kept = before.merge(after, on=["trial_id", "epoch"], suffixes=("_before", "_after"))
         assert len(kept) == len(before)

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import make_folder, run_cli
+
 from tune_inat.data.download import download_dataset
 from tune_inat.data.folders import discover
 from tune_inat.errors import UserError
@@ -96,7 +96,9 @@ def test_offline_download_is_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
-    result = run_cli("tune_inat.data", "download", str(tmp_path / "d"), "--url", f"http://127.0.0.1:{port}/nature_12K.zip")
+    result = run_cli(
+        "tune_inat.data", "download", str(tmp_path / "d"), "--url", f"http://127.0.0.1:{port}/nature_12K.zip"
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cannot reach 127.0.0.1")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

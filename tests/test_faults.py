@@ -12,22 +12,30 @@ import pytest
 from optuna.trial import TrialState
 
 from tune_inat.data.dataset import DataConfig
+from tune_inat.faults import FaultInjector, parse_faults
 from tune_inat.search import prepare_data, run_search
 from tune_inat.space import load_space, with_fixed, with_overrides
-from tune_inat.faults import FaultInjector, parse_faults
 
 
 @pytest.fixture(scope="module")
 def faulty_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """Five trials of 3 epochs; trial 1 fails once, 2 always, 3 runs out of memory once, 4 always, 5 is clean."""
     spec = with_fixed(load_space("demo"), {"backbone": "resnet18", "image_size": 32})
-    spec = with_overrides(spec, num_samples=5, max_epochs=3, scheduler="fifo", max_failures=1, cpus_per_trial=1,
-                          gpus_per_trial=0)
+    spec = with_overrides(
+        spec, num_samples=5, max_epochs=3, scheduler="fifo", max_failures=1, cpus_per_trial=1, gpus_per_trial=0
+    )
     data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)
     results = tmp_path_factory.mktemp("results")
     faults = parse_faults("1:2:error:1,2:2:error:always,3:2:oom:1,4:2:oom:always")
-    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(results), "faulty", verbose=0,
-                      before_epoch=FaultInjector(faults)).grid
+    grid = run_search(
+        spec,
+        data_config,
+        prepare_data(spec, data_config),
+        str(results),
+        "faulty",
+        verbose=0,
+        before_epoch=FaultInjector(faults),
+    ).grid
     folder = results / "faulty"
     trials = pd.read_parquet(folder / "trials.parquet")
     numbers = {path.name.split("_")[2]: int(path.name.split("_")[1]) for path in folder.glob("trial_*_*")}

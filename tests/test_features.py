@@ -51,8 +51,16 @@ def demo_32(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _settings(**overrides) -> TrainConfig:
-    base = dict(backbone="resnet18", weights="none", image_size=32, freeze_fraction=0.6, augment=False, epochs=2,
-                batch_size=32, lr=3e-3)
+    base = dict(
+        backbone="resnet18",
+        weights="none",
+        image_size=32,
+        freeze_fraction=0.6,
+        augment=False,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -97,8 +105,16 @@ def test_cache_key_changes_with_everything_the_features_depend_on(demo_32, tmp_p
     def key(**overrides) -> str:
         return feature_key(demo_32, **{**base, **overrides})
 
-    variants = [key(), key(backbone="resnet34"), key(weights="imagenet"), key(weights=str(weights_file)),
-                key(prefix_length=6), key(image_size=48), key(seed=1), key(dtype="float16")]
+    variants = [
+        key(),
+        key(backbone="resnet34"),
+        key(weights="imagenet"),
+        key(weights=str(weights_file)),
+        key(prefix_length=6),
+        key(image_size=48),
+        key(seed=1),
+        key(dtype="float16"),
+    ]
     assert len(set(variants)) == len(variants)
     assert key(weights="imagenet", seed=1) == key(weights="imagenet")  # pretrained prefixes do not depend on the seed
     before = key(weights=str(weights_file))
@@ -109,8 +125,12 @@ def test_cache_key_changes_with_everything_the_features_depend_on(demo_32, tmp_p
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"augment": True}, {"freeze_fraction": 0.0}, {"frozen_features": False},
-     {"backbone": "googlenet", "freeze_fraction": 0.2}],
+    [
+        {"augment": True},
+        {"freeze_fraction": 0.0},
+        {"frozen_features": False},
+        {"backbone": "googlenet", "freeze_fraction": 0.2},
+    ],
     ids=["augmentation", "nothing-frozen", "switched-off", "aux-heads"],
 )
 def test_cache_is_not_used_where_it_would_be_wrong(demo_32, overrides: dict) -> None:

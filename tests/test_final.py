@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli, write_image
 from PIL import Image
 
-from conftest import run_cli, write_image
 from tune_inat.data.cache import cache_key
 from tune_inat.data.decode import stored_size_for
 from tune_inat.data.folders import discover
@@ -24,7 +24,9 @@ def final_run(demo_search, tmp_path_factory: pytest.TempPathFactory):
     _, test_files = discover(Path(info["data_root"]))
     test_cache = Path(info["cache_dir"]) / cache_key(test_files, stored_size_for(48))
     searched_without_test = not test_cache.exists()
-    result = run_cli("tune_inat.final", str(folder), "--top-k", "2", "--seeds", "2", "--max-epochs", "2", "--device", "cpu")
+    result = run_cli(
+        "tune_inat.final", str(folder), "--top-k", "2", "--seeds", "2", "--max-epochs", "2", "--device", "cpu"
+    )
     return folder, result, test_cache, searched_without_test
 
 
@@ -76,7 +78,10 @@ def test_predict_agrees_with_the_final_evaluation(final_run, demo_root: Path) ->
     assert result.returncode == 0, result.stderr[-2000:]
     answers = json.loads(result.stdout)
     assert [a["predictions"][0]["label"] for a in answers] == right["true"].tolist()
-    assert all(len(a["predictions"]) == 2 and a["predictions"][0]["probability"] >= a["predictions"][1]["probability"] for a in answers)
+    assert all(
+        len(a["predictions"]) == 2 and a["predictions"][0]["probability"] >= a["predictions"][1]["probability"]
+        for a in answers
+    )
     lines = run_cli("tune_inat.predict", str(folder / "final" / "model.pt"), str(demo_root / "val" / "Aves"))
     assert lines.returncode == 0 and len(lines.stdout.strip().splitlines()) == 10
 
@@ -91,7 +96,9 @@ def test_bad_inputs_are_one_line(final_run, tmp_path: Path) -> None:
     (tmp_path / "not_a_model.pt").write_bytes(b"\x00" * 100)
     image = write_image(tmp_path / "ok.jpg", size=(60, 60))
     result = run_cli("tune_inat.predict", str(tmp_path / "not_a_model.pt"), str(image))
-    assert result.returncode == 2 and "is not a tune-inat model file" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2 and "is not a tune-inat model file" in result.stderr and "Traceback" not in result.stderr
+    )
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

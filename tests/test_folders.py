@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_folder, write_image
+
 from tune_inat.data.folders import discover, find_layout, scan_class_folders, stratified_split
 from tune_inat.errors import UserError
 

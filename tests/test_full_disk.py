@@ -1,14 +1,13 @@
-"""A full disk under a running search, on a real (small) tmpfs: rows wait in memory, nothing is lost, the exit code is true."""
+"""A full disk under a running search, on a real small tmpfs: rows wait in memory, none is lost, the exit is true."""
 
 from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import run_cli
 from crash_helpers import SMALL_SEARCH, assert_complete, checkpointed_epochs, start_search, wait_until, written_epochs
 
@@ -18,7 +17,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 400 MB tmpfs mounted for this test only (needs root, as CI has); unmounted even when the test fails."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
     try:
@@ -57,15 +58,28 @@ def _errors(stderr: str) -> list[str]:
 @pytest.mark.slow
 def test_results_disk_full_then_freed_mid_search_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}
-    args = [*SMALL_SEARCH, "--max-epochs", "12", "--set", "epochs=12", "--results", str(small_disk / "results"), "--storage-path",
-            str(tmp_path / "storage"), "--name", "full"]
+    args = [
+        *SMALL_SEARCH,
+        "--max-epochs",
+        "12",
+        "--set",
+        "epochs=12",
+        "--results",
+        str(small_disk / "results"),
+        "--storage-path",
+        str(tmp_path / "storage"),
+        "--name",
+        "full",
+    ]
     folder = small_disk / "results" / "full"
     process = start_search(args, tmp_path, env)
     wait_until(lambda: bool(checkpointed_epochs(tmp_path / "storage" / "full")), process)  # trials are training
     fill(small_disk)
     written = sum(map(len, written_epochs(folder).values()))
     # epochs end meanwhile and wait in memory
-    wait_until(lambda: sum(map(len, checkpointed_epochs(tmp_path / "storage" / "full").values())) >= written + 2, process)
+    wait_until(
+        lambda: sum(map(len, checkpointed_epochs(tmp_path / "storage" / "full").values())) >= written + 2, process
+    )
     time.sleep(6)  # longer than the 5 s between writes: at least one write fails
     free(small_disk)
     out, err = process.communicate(timeout=600)
@@ -75,10 +89,19 @@ def test_results_disk_full_then_freed_mid_search_loses_nothing(small_disk: Path,
 
 
 @pytest.mark.slow
-def test_results_disk_still_full_at_the_end_exits_1_then_resume_writes_everything(small_disk: Path, tmp_path: Path) -> None:
+def test_results_disk_still_full_at_the_end_exits_1_then_resume_writes_everything(
+    small_disk: Path, tmp_path: Path
+) -> None:
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}
-    args = [*SMALL_SEARCH, "--results", str(small_disk / "results"), "--storage-path", str(tmp_path / "storage"),
-            "--name", "full"]
+    args = [
+        *SMALL_SEARCH,
+        "--results",
+        str(small_disk / "results"),
+        "--storage-path",
+        str(tmp_path / "storage"),
+        "--name",
+        "full",
+    ]
     folder = small_disk / "results" / "full"
     process = start_search(args, tmp_path, env)
     wait_until(lambda: (folder / "search.json").exists(), process)

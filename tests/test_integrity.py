@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import run_cli, write_image
 from crash_helpers import SMALL_SEARCH, assert_complete, start_search, wait_until
 
@@ -23,8 +22,17 @@ def finished(tmp_path_factory: pytest.TempPathFactory):
     """A small finished search, run from the command line; tests copy it before damaging anything."""
     root = tmp_path_factory.mktemp("finished")
     env = {"TUNE_INAT_CACHE": str(root / "cache")}
-    result = run_cli("tune_inat.search", *SMALL_SEARCH, "--results", str(root / "results"), "--name", "done",
-                     env=env, timeout=600, cwd=root)
+    result = run_cli(
+        "tune_inat.search",
+        *SMALL_SEARCH,
+        "--results",
+        str(root / "results"),
+        "--name",
+        "done",
+        env=env,
+        timeout=600,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, root / "results" / "done", env
 
@@ -41,7 +49,9 @@ def _one_error(stderr: str) -> str:
 def test_a_new_search_on_a_finished_name_is_refused(finished) -> None:
     root, folder, env = finished
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
-    again = run_cli("tune_inat.search", *SMALL_SEARCH, "--results", str(folder.parent), "--name", "done", env=env, cwd=root)
+    again = run_cli(
+        "tune_inat.search", *SMALL_SEARCH, "--results", str(folder.parent), "--name", "done", env=env, cwd=root
+    )
     error = _one_error(again.stderr)
     assert again.returncode == 2 and "already holds a search named done" in error
     assert "--resume --name done" in error and "another --name" in error
@@ -64,18 +74,33 @@ def test_automatic_names_never_collide(finished) -> None:
 # -- resume is the same search -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flags", "change"), [
-    (["--space", "quick"], "parameters."),
-    (["--set", "lr=0.01"], "parameters.lr"),
-    (["--seed", "3"], "seed 0 -> 3"),
-    (["--scheduler", "asha"], "scheduler 'fifo' -> 'asha'"),
-])
-def test_resume_with_another_space_or_setting_is_refused(finished, tmp_path: Path, flags: list[str], change: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "change"),
+    [
+        (["--space", "quick"], "parameters."),
+        (["--set", "lr=0.01"], "parameters.lr"),
+        (["--seed", "3"], "seed 0 -> 3"),
+        (["--scheduler", "asha"], "scheduler 'fifo' -> 'asha'"),
+    ],
+)
+def test_resume_with_another_space_or_setting_is_refused(
+    finished, tmp_path: Path, flags: list[str], change: str
+) -> None:
     root, folder, env = finished
     copy = tmp_path / "results" / "done"
     shutil.copytree(folder, copy)
-    resumed = run_cli("tune_inat.search", *SMALL_SEARCH, "--results", str(copy.parent), "--name", "done", "--resume",
-                      *flags, env=env, cwd=root)
+    resumed = run_cli(
+        "tune_inat.search",
+        *SMALL_SEARCH,
+        "--results",
+        str(copy.parent),
+        "--name",
+        "done",
+        "--resume",
+        *flags,
+        env=env,
+        cwd=root,
+    )
     error = _one_error(resumed.stderr)
     assert resumed.returncode == 2 and "--resume continues search done as it was started" in error and change in error
 
@@ -87,8 +112,19 @@ def test_resume_with_a_different_metric_file_is_refused(finished, tmp_path: Path
     space = tmp_path / "loss.yaml"
     text = (Path(__file__).parents[1] / "search_spaces" / "demo.yaml").read_text()
     space.write_text(text.replace("name: val_acc\n  goal: maximize", "name: val_loss\n  goal: minimize"))
-    resumed = run_cli("tune_inat.search", *SMALL_SEARCH, "--space", str(space), "--results", str(copy.parent),
-                      "--name", "done", "--resume", env=env, cwd=root)
+    resumed = run_cli(
+        "tune_inat.search",
+        *SMALL_SEARCH,
+        "--space",
+        str(space),
+        "--results",
+        str(copy.parent),
+        "--name",
+        "done",
+        "--resume",
+        env=env,
+        cwd=root,
+    )
     assert resumed.returncode == 2 and "metric val_acc -> val_loss" in _one_error(resumed.stderr)
 
 
@@ -96,8 +132,19 @@ def test_resume_of_a_finished_search_changes_nothing(finished, tmp_path: Path) -
     root, folder, env = finished
     copy = tmp_path / "results" / "done"
     shutil.copytree(folder, copy)
-    resumed = run_cli("tune_inat.search", "--resume", "--results", str(copy.parent), "--name", "done", "--quiet",
-                      "--no-wandb", env=env, timeout=600, cwd=root)  # no --demo, no --space: the saved search
+    resumed = run_cli(
+        "tune_inat.search",
+        "--resume",
+        "--results",
+        str(copy.parent),
+        "--name",
+        "done",
+        "--quiet",
+        "--no-wandb",
+        env=env,
+        timeout=600,
+        cwd=root,
+    )  # no --demo, no --space: the saved search
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_complete(copy, 2, 3)
     assert pd.read_parquet(copy / "epochs.parquet").equals(pd.read_parquet(folder / "epochs.parquet"))
@@ -118,17 +165,20 @@ def _damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("target", ["trials-part", "epochs-part", "search.json"])
 @pytest.mark.parametrize("how", ["garbage", "cut"])
-def test_damaged_results_file_is_one_line_in_analyze_and_final(finished, tmp_path: Path, target: str, how: str,
-                                                               capsys) -> None:
+def test_damaged_results_file_is_one_line_in_analyze_and_final(
+    finished, tmp_path: Path, target: str, how: str, capsys
+) -> None:
     from tune_inat.analyze import main as analyze_main
     from tune_inat.final import main as final_main
 
     root, folder, env = finished
     copy = tmp_path / "done"
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("trial_*"))
-    path = {"trials-part": next((copy / "trials.parquet").glob("part-*")),
-            "epochs-part": next((copy / "epochs.parquet").glob("part-*")),
-            "search.json": copy / "search.json"}[target]
+    path = {
+        "trials-part": next((copy / "trials.parquet").glob("part-*")),
+        "epochs-part": next((copy / "epochs.parquet").glob("part-*")),
+        "search.json": copy / "search.json",
+    }[target]
     _damage(path, how)
     for command, main in (("analyze", analyze_main), ("final", final_main)):
         code = main([str(copy), "--quiet"])
@@ -137,14 +187,25 @@ def test_damaged_results_file_is_one_line_in_analyze_and_final(finished, tmp_pat
 
 
 def test_a_damaged_part_is_recovered_by_resume(finished, tmp_path: Path) -> None:
-    """A person (or a crash) cut a part of epochs.parquet: --resume sets it aside and writes its rows from the checkpoints."""
+    """A cut part of epochs.parquet: --resume sets it aside and writes its rows again from the checkpoints."""
     root, folder, env = finished
     copy = tmp_path / "results" / "done"
     shutil.copytree(folder, copy)
     part = next((copy / "epochs.parquet").glob("part-*"))
     _damage(part, "cut")
-    resumed = run_cli("tune_inat.search", "--resume", "--results", str(copy.parent), "--name", "done", "--quiet",
-                      "--no-wandb", env=env, timeout=600, cwd=root)
+    resumed = run_cli(
+        "tune_inat.search",
+        "--resume",
+        "--results",
+        str(copy.parent),
+        "--name",
+        "done",
+        "--quiet",
+        "--no-wandb",
+        env=env,
+        timeout=600,
+        cwd=root,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{part}:" in resumed.stderr and "set aside" in resumed.stderr
     assert_complete(copy, 2, 3)
@@ -163,8 +224,9 @@ def test_damaged_best_config_is_one_line_in_train(finished, tmp_path: Path, how:
 def test_damaged_model_files_are_one_line_in_predict(finished, tmp_path: Path) -> None:
     root, folder, env = finished
     model = tmp_path / "model.pt"
-    trained = run_cli("tune_inat.train", "--demo", "--epochs", "1", "--image-size", "32", "--output", str(model),
-                      env=env, cwd=root)
+    trained = run_cli(
+        "tune_inat.train", "--demo", "--epochs", "1", "--image-size", "32", "--output", str(model), env=env, cwd=root
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     image = write_image(tmp_path / "photo.jpg", size=(64, 64))
     payload = torch.load(model, weights_only=True)
@@ -203,8 +265,17 @@ def test_damaged_image_cache_is_rebuilt_with_one_warning(finished, tmp_path: Pat
             array[0] = 255 - array[0]
             array.flush()
             del array
-        check = run_cli("tune_inat.data", "check", str(cache_root / "demo-data-v1"), "--image-size", "32",
-                        "--cache-dir", str(cache_root), env=env, cwd=root)
+        check = run_cli(
+            "tune_inat.data",
+            "check",
+            str(cache_root / "demo-data-v1"),
+            "--image-size",
+            "32",
+            "--cache-dir",
+            str(cache_root),
+            env=env,
+            cwd=root,
+        )
         assert check.returncode == 0, check.stderr[-2000:]
         warnings = [line for line in check.stderr.splitlines() if "is damaged" in line]
         assert len(warnings) == 1 and "rebuilding it" in warnings[0], (damage, check.stderr[-2000:])
@@ -228,8 +299,17 @@ def test_damaged_checkpoint_fails_its_trial_with_one_line(finished, tmp_path: Pa
 
 def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked(tmp_path: Path) -> None:
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}
-    args = [*SMALL_SEARCH, "--num-samples", "8", "--max-epochs", "6", "--results", str(tmp_path / "results"),
-            "--name", "read"]
+    args = [
+        *SMALL_SEARCH,
+        "--num-samples",
+        "8",
+        "--max-epochs",
+        "6",
+        "--results",
+        str(tmp_path / "results"),
+        "--name",
+        "read",
+    ]
     folder = tmp_path / "results" / "read"
     process = start_search(args, tmp_path, env)
     wait_until(lambda: (folder / "search.json").exists(), process)
@@ -256,7 +336,9 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
     assert process.returncode == 0, err[-3000:]
     print(f"{reads} reads while the search ran")
     assert reads >= 20_000 and not failures, (reads, failures[:3])
-    assert len({columns for table, columns in shapes if table == "trials.parquet"}) == 1  # never a table without its columns
+    assert (
+        len({columns for table, columns in shapes if table == "trials.parquet"}) == 1
+    )  # never a table without its columns
     assert_complete(folder, 8, 6)  # the refused searches took nothing of it
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tune_inat.errors import UserError
 from tune_inat.models import (
     BACKBONES,
     build_model,
@@ -17,7 +18,6 @@ from tune_inat.models import (
     parameterised_modules,
     save_model_file,
 )
-from tune_inat.errors import UserError
 
 SMALL_SIZE = {"inception_v3": 80, "vit_b_16": 32}
 
@@ -37,7 +37,9 @@ def test_every_backbone_predicts_at_native_size_and_trains_a_step(name: str) -> 
     head = dict(model.named_parameters())[sorted(model.head_parameter_names())[0]]
     before = head.detach().clone()
     model.train()
-    loss, main_loss, logits = model.training_loss(torch.randn(2, 3, small, small), torch.tensor([1, 7]), nn.CrossEntropyLoss())
+    loss, main_loss, logits = model.training_loss(
+        torch.randn(2, 3, small, small), torch.tensor([1, 7]), nn.CrossEntropyLoss()
+    )
     assert logits.shape == (2, 10) and torch.isfinite(loss)
     loss.backward()
     optimizer.step()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 import wandb_offline
 from conftest import REPO
+
 from tune_inat.data.dataset import DataConfig
 from tune_inat.results import EPOCHS_SCHEMA, TRIALS_SCHEMA, read_results, resolve_folder, write_part
 from tune_inat.search import prepare_data, run_search
@@ -119,8 +119,18 @@ def test_results_go_to_a_pyarrow_uri(demo_search, tmp_path: Path) -> None:
     """Results are written and read through pyarrow filesystems (file:// here; s3:// and gs:// the same way)."""
     uri = f"file://{tmp_path}/remote"
     filesystem, path = resolve_folder(uri)
-    write_part(pq.read_table(demo_search.folder / "epochs.parquet").to_pylist(), EPOCHS_SCHEMA, filesystem, f"{path}/epochs.parquet")
-    write_part(pq.read_table(demo_search.folder / "trials.parquet").to_pylist(), TRIALS_SCHEMA, filesystem, f"{path}/trials.parquet")
+    write_part(
+        pq.read_table(demo_search.folder / "epochs.parquet").to_pylist(),
+        EPOCHS_SCHEMA,
+        filesystem,
+        f"{path}/epochs.parquet",
+    )
+    write_part(
+        pq.read_table(demo_search.folder / "trials.parquet").to_pylist(),
+        TRIALS_SCHEMA,
+        filesystem,
+        f"{path}/trials.parquet",
+    )
     results = read_results(uri)
     assert len(results.epochs) == len(pd.read_parquet(demo_search.folder / "epochs.parquet"))
     assert len(results.trials) == 8 and not list((tmp_path / "remote").rglob(".*tmp*"))
@@ -129,7 +139,9 @@ def test_results_go_to_a_pyarrow_uri(demo_search, tmp_path: Path) -> None:
 def test_epoch_rows_are_immutable_parts(demo_search) -> None:
     parts = sorted((demo_search.folder / "epochs.parquet").glob("*.parquet"))
     assert parts and all(p.name.startswith("part-") for p in parts)
-    assert sum(pq.read_metadata(p).num_rows for p in parts) == len(pd.read_parquet(demo_search.folder / "epochs.parquet"))
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == len(
+        pd.read_parquet(demo_search.folder / "epochs.parquet")
+    )
 
 
 def test_readme_pandas_snippets_run(demo_search, capsys) -> None:

@@ -12,11 +12,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli
 
-SEARCH = ["--demo", "--num-samples", "3", "--max-epochs", "4", "--scheduler", "fifo", "--cpus-per-trial", "1",
-          "--set", "backbone=resnet18", "--set", "image_size=32", "--quiet", "--name", "interrupted"]  # wandb on
+SEARCH = [
+    "--demo",
+    "--num-samples",
+    "3",
+    "--max-epochs",
+    "4",
+    "--scheduler",
+    "fifo",
+    "--cpus-per-trial",
+    "1",
+    "--set",
+    "backbone=resnet18",
+    "--set",
+    "image_size=32",
+    "--quiet",
+    "--name",
+    "interrupted",
+]  # wandb on
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +52,19 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.parametrize("how", ["SIGINT"])  # SIGKILL at every moment: test_crashes.py
-def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tmp_path: Path, shared_cache: Path) -> None:
+def test_interrupted_search_resumes_without_losing_or_doubling_rows(
+    how: str, tmp_path: Path, shared_cache: Path
+) -> None:
     env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     args = [*SEARCH, "--results", "results"]  # relative, as the README's demo command leaves it
-    process = subprocess.Popen([sys.executable, "-m", "tune_inat.search", *args], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tune_inat.search", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     folder = tmp_path / "results" / "interrupted"
     before = _wait_for_rows(folder / "epochs.parquet", 3, process)
     interrupted = time.monotonic()
@@ -56,9 +79,14 @@ def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tm
     time.sleep(2)  # let the killed driver's Ray processes go
     before = pd.read_parquet(folder / "epochs.parquet")  # everything written before the interruption
 
-    resumed = run_cli("tune_inat.search", *args, "--resume", env={"TUNE_INAT_CACHE": str(shared_cache),
-                                                                  "WANDB_MODE": "offline"}, timeout=600,
-                      cwd=tmp_path)
+    resumed = run_cli(
+        "tune_inat.search",
+        *args,
+        "--resume",
+        env={"TUNE_INAT_CACHE": str(shared_cache), "WANDB_MODE": "offline"},
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = pd.read_parquet(folder / "epochs.parquet")
     trials = pd.read_parquet(folder / "trials.parquet")
@@ -76,7 +104,16 @@ def test_interrupted_search_resumes_without_losing_or_doubling_rows(how: str, tm
         best = folder / "best_config.yaml"
         settings = yaml.safe_load(best.read_text())
         assert settings["backbone"] == "resnet18" and settings["epochs"] == 4 and settings["image_size"] == 32
-        rerun = run_cli("tune_inat.train", "--demo", "--config", str(best), "--epochs", "1", "--output",
-                        str(tmp_path / "model.pt"), env={"TUNE_INAT_CACHE": str(shared_cache)})
+        rerun = run_cli(
+            "tune_inat.train",
+            "--demo",
+            "--config",
+            str(best),
+            "--epochs",
+            "1",
+            "--output",
+            str(tmp_path / "model.pt"),
+            env={"TUNE_INAT_CACHE": str(shared_cache)},
+        )
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert rerun.stdout.count("epoch ") == 1 and (tmp_path / "model.pt").is_file()

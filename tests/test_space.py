@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from tune_inat.search import main as search_main
-from tune_inat.space import SPACES_DIR, load_space, parse_duration, parse_space, to_tune_space, with_fixed, with_overrides
+from tune_inat.space import (
+    SPACES_DIR,
+    load_space,
+    parse_duration,
+    parse_space,
+    to_tune_space,
+    with_fixed,
+    with_overrides,
+)
 
 
 @pytest.mark.parametrize("name", ["default", "quick", "seed_sweep", "demo"])
@@ -92,25 +100,65 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
         ("parameters:\n  learning_rat: {value: 0.1}\n", "parameters.learning_rat: unknown setting 'learning_rat'"),
         ("parameters:\n  lr: {value: 0.1, typo: 1}\n", "parameters.lr: unknown key.*typo"),
         ("parameters:\n  backbone: {values: [resnet50, resnet5]}\n", "parameters.backbone: unknown backbone 'resnet5'"),
-        ("parameters:\n  lr: {distribution: uniform, min: 0.1, max: 0.01}\n", r"parameters.lr: min \(0.1\) must be smaller than max \(0.01\)"),
+        (
+            "parameters:\n  lr: {distribution: uniform, min: 0.1, max: 0.01}\n",
+            r"parameters.lr: min \(0.1\) must be smaller than max \(0.01\)",
+        ),
         ("parameters:\n  lr: {value: -0.001}\n", "parameters.lr: lr must be a positive number"),
-        ("parameters:\n  freeze: {values: [0.5, 1.5]}\n", r"parameters.freeze_fraction: freeze_fraction must be a number in \[0, 1\]"),
+        (
+            "parameters:\n  freeze: {values: [0.5, 1.5]}\n",
+            r"parameters.freeze_fraction: freeze_fraction must be a number in \[0, 1\]",
+        ),
         ("parameters:\n  lr: {distribution: normal, min: 0, max: 1}\n", "distribution 'normal' is not supported"),
-        ("method: grid\nparameters:\n  lr: {distribution: uniform, min: 0.1, max: 0.2}\n", "grid search needs value or values"),
+        (
+            "method: grid\nparameters:\n  lr: {distribution: uniform, min: 0.1, max: 0.2}\n",
+            "grid search needs value or values",
+        ),
         ("method: annealing\nparameters:\n  lr: {value: 0.1}\n", "method: 'annealing' is not one of"),
         ("metric: {name: f1, goal: maximize}\nparameters:\n  lr: {value: 0.1}\n", "metric.name: 'f1' is not one of"),
         ("parameters:\n  epochs: {distribution: uniform, min: 1, max: 5.5}\n", "epochs is a whole number"),
-        ("parameters:\n  image_size: {distribution: int_uniform, min: 64, max: 128}\n", "image_size must be a value or a list"),
-        ("parameters:\n  backbone: {value: inception_v3}\n  image_size: {value: 32}\n", "inception_v3 needs image_size >= 75"),
-        ("parameters:\n  lr: {value: 0.1}\ntune_inat:\n  gpus_per_trail: 1\n", "tune_inat: unknown key.*gpus_per_trail"),
-        ("parameters:\n  lr: {value: 0.1}\ntune_inat:\n  gpus_per_trial: -1\n", "gpus_per_trial: must be a number >= 0"),
+        (
+            "parameters:\n  image_size: {distribution: int_uniform, min: 64, max: 128}\n",
+            "image_size must be a value or a list",
+        ),
+        (
+            "parameters:\n  backbone: {value: inception_v3}\n  image_size: {value: 32}\n",
+            "inception_v3 needs image_size >= 75",
+        ),
+        (
+            "parameters:\n  lr: {value: 0.1}\ntune_inat:\n  gpus_per_trail: 1\n",
+            "tune_inat: unknown key.*gpus_per_trail",
+        ),
+        (
+            "parameters:\n  lr: {value: 0.1}\ntune_inat:\n  gpus_per_trial: -1\n",
+            "gpus_per_trial: must be a number >= 0",
+        ),
         ("parameters:\n  lr: {value: 0.1}\ntune_inat:\n  time_budget: soon\n", "is not a duration"),
         ("parameters:\n  lr: {value: 0.1}\nearly_terminate: {type: envelope}\n", "only {type: hyperband"),
         ("- just\n- a list\n", "expected a W&B sweep mapping"),
     ],
-    ids=["yaml-syntax", "top-key", "setting", "param-key", "backbone", "min-max", "negative-lr", "freeze-range",
-         "distribution", "grid-range", "method", "metric", "int-uniform", "image-size-range", "min-size",
-         "option-key", "option-value", "duration", "early-terminate", "not-a-mapping"],
+    ids=[
+        "yaml-syntax",
+        "top-key",
+        "setting",
+        "param-key",
+        "backbone",
+        "min-max",
+        "negative-lr",
+        "freeze-range",
+        "distribution",
+        "grid-range",
+        "method",
+        "metric",
+        "int-uniform",
+        "image-size-range",
+        "min-size",
+        "option-key",
+        "option-value",
+        "duration",
+        "early-terminate",
+        "not-a-mapping",
+    ],
 )
 def test_bad_space_file_is_one_line_with_exit_2(tmp_path: Path, capsys, text: str, message: str) -> None:
     path = tmp_path / "space.yaml"

@@ -14,9 +14,9 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -101,7 +101,16 @@ def scores_in_percent(search: Search) -> pd.Series:
 
 
 def leaderboard(search: Search, top: int = 10) -> pd.DataFrame:
-    columns = ["trial_id", *search.searched, "best_score", "best_val_acc", "best_epoch", "epochs_run", "max_epochs", "status"]
+    columns = [
+        "trial_id",
+        *search.searched,
+        "best_score",
+        "best_val_acc",
+        "best_epoch",
+        "epochs_run",
+        "max_epochs",
+        "status",
+    ]
     return search.ranked()[columns].head(top).reset_index(drop=True)
 
 
@@ -145,11 +154,15 @@ def importance(search: Search) -> tuple[pd.Series | None, str]:
             low, high = float(search.trials[name].min()), float(search.trials[name].max())
             distributions[name] = FloatDistribution(low, high, log=name in LOG_SCALE and low > 0)
         else:
-            distributions[name] = CategoricalDistribution(sorted(search.trials[name].dropna().unique().tolist(), key=str))
+            distributions[name] = CategoricalDistribution(
+                sorted(search.trials[name].dropna().unique().tolist(), key=str)
+            )
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     study = optuna.create_study(direction="maximize" if search.mode == "max" else "minimize")
     for _, row in completed.iterrows():
-        params = {n: (float(row[n]) if isinstance(d, FloatDistribution) else plain(row[n])) for n, d in distributions.items()}
+        params = {
+            n: (float(row[n]) if isinstance(d, FloatDistribution) else plain(row[n])) for n, d in distributions.items()
+        }
         study.add_trial(create_trial(params=params, distributions=distributions, value=float(row["best_score"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -183,12 +196,26 @@ def plot_learning_curves(search: Search, path: Path) -> None:
     for trial_id, rows in search.epochs.sort_values("epoch").groupby("trial_id"):
         if trial_id == best_id:
             continue
-        ax.plot(rows["epoch"], 100 * rows["val_acc"], color="tab:gray" if statuses.get(trial_id) == "stopped_early" else "tab:blue",
-                **{k: v for k, v in _style_for(statuses.get(trial_id, "")).items() if k != "color" or statuses.get(trial_id) == "error"})
+        ax.plot(
+            rows["epoch"],
+            100 * rows["val_acc"],
+            color="tab:gray" if statuses.get(trial_id) == "stopped_early" else "tab:blue",
+            **{
+                k: v
+                for k, v in _style_for(statuses.get(trial_id, "")).items()
+                if k != "color" or statuses.get(trial_id) == "error"
+            },
+        )
     best = search.epochs[search.epochs["trial_id"] == best_id].sort_values("epoch")
     best_trial = search.trials.set_index("trial_id").loc[best_id]
-    ax.plot(best["epoch"], 100 * best["val_acc"], color="tab:orange", linewidth=3, marker="o",
-            label=f"best by {search.metric}: {best_id} ({best_trial['backbone']}, {100 * best_trial['best_val_acc']:.1f}%)")
+    ax.plot(
+        best["epoch"],
+        100 * best["val_acc"],
+        color="tab:orange",
+        linewidth=3,
+        marker="o",
+        label=f"best by {search.metric}: {best_id} ({best_trial['backbone']}, {100 * best_trial['best_val_acc']:.1f}%)",
+    )
     ax.plot([], [], color="tab:blue", label="completed")
     ax.plot([], [], color="tab:gray", linestyle="--", label="stopped early (ASHA)")
     if (search.trials["status"] == "error").any():
@@ -213,7 +240,7 @@ def _axis_values(series: pd.Series, name: str) -> tuple[np.ndarray, list[float],
         low, high = scaled.min(), scaled.max()
         positions = (scaled - low) / (high - low) if high > low else np.full(len(values), 0.5)
         ticks = np.linspace(low, high, 3)
-        labels = [f"{10 ** t:.2g}" if log else f"{t:.3g}" for t in ticks]
+        labels = [f"{10**t:.2g}" if log else f"{t:.3g}" for t in ticks]
         return positions, [0.0, 0.5, 1.0], labels
     categories = sorted(series.astype(str).unique())
     index = {c: i for i, c in enumerate(categories)}
@@ -235,18 +262,24 @@ def plot_parallel_coordinates(search: Search, path: Path) -> None:
     for i in range(len(trials)):
         ys = [col[0][i] for col in columns] + [acc_positions[i]]
         ax.plot(range(len(names) + 1), ys, color=cmap(norm(accuracy[i])), alpha=0.85, linewidth=1.6)
-    for x, (name, (_, ticks, labels)) in enumerate(zip(names, columns)):
+    for x, (_, ticks, labels) in enumerate(columns):
         ax.axvline(x, color="black", linewidth=0.8)
         for tick, label in zip(ticks, labels):
             ax.text(x + 0.03, tick, label, fontsize=8, va="center")
     ax.axvline(len(names), color="black", linewidth=0.8)
     for value in np.linspace(norm.vmin, norm.vmax, 3):
-        ax.text(len(names) + 0.03, norm(value), f"{value:.0f}%" if unit == 100 else f"{value:.3g}", fontsize=8, va="center")
+        ax.text(
+            len(names) + 0.03, norm(value), f"{value:.0f}%" if unit == 100 else f"{value:.3g}", fontsize=8, va="center"
+        )
     ax.set_xticks(range(len(names) + 1), [*names, search.score_label], rotation=15)
     ax.set_yticks([])
     ax.set_xlim(-0.2, len(names) + 0.6)
-    ax.set_title(f"{search.name}\nhyperparameters of each trial (one line each), coloured by {search.score_label}", fontsize=11)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=search.score_label + (" (%)" if unit == 100 else ""))
+    ax.set_title(
+        f"{search.name}\nhyperparameters of each trial (one line each), coloured by {search.score_label}", fontsize=11
+    )
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=search.score_label + (" (%)" if unit == 100 else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -260,8 +293,14 @@ def plot_accuracy_against(search: Search, setting: str, path: Path) -> None:
         for stopped, marker_face in ((False, color), (True, "none")):
             part = rows[(rows["status"] == "stopped_early") == stopped]
             if not part.empty:
-                ax.scatter(part[setting], unit * part["best_score"], s=45, edgecolors=color, facecolors=marker_face,
-                           label=f"{backbone}{' (stopped early)' if stopped else ''}")
+                ax.scatter(
+                    part[setting],
+                    unit * part["best_score"],
+                    s=45,
+                    edgecolors=color,
+                    facecolors=marker_face,
+                    label=f"{backbone}{' (stopped early)' if stopped else ''}",
+                )
     if setting in LOG_SCALE and (trials[setting] > 0).all():
         ax.set_xscale("log")
     ax.set_xlabel(f"{setting}{' (log scale)' if ax.get_xscale() == 'log' else ''}")
@@ -291,7 +330,12 @@ def plot_comparison(searches: list[Search], path: Path) -> None:
         scores = epochs[search.metric]
         best_so_far = (scores.cummax() if search.mode == "max" else scores.cummin()).to_numpy()
         unit = 100 if search.metric.endswith("_acc") else 1
-        ax.step(np.arange(1, len(epochs) + 1), unit * best_so_far, where="post", label=f"{search.name} ({len(search.trials)} trials)")
+        ax.step(
+            np.arange(1, len(epochs) + 1),
+            unit * best_so_far,
+            where="post",
+            label=f"{search.name} ({len(search.trials)} trials)",
+        )
     ax.set_xlabel("trial-epochs spent (cumulative)")
     ax.set_ylabel(f"best {searches[0].metric} so far" + (" (%)" if searches[0].metric.endswith("_acc") else ""))
     ax.set_title("Searches compared: best accuracy against compute spent")
@@ -327,7 +371,8 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
     saved_text = (
         f"{saved['trial_epochs_run']} of {saved['trial_epochs_budget']} trial-epochs run "
         f"({100 * saved['saved_fraction']:.0f}% saved by early stopping; {saved['stopped_early']} of "
-        f"{saved['trials']} trials stopped early); {saved['trial_hours']:.2f} trial-hours, {saved['gpu_hours']:.2f} GPU-hours"
+        f"{saved['trials']} trials stopped early); {saved['trial_hours']:.2f} trial-hours, "
+        f"{saved['gpu_hours']:.2f} GPU-hours"
     )
     board = name_scores(leaderboard(search), search.metric)
     per_backbone = name_scores(best_per_backbone(search), search.metric)
@@ -337,9 +382,11 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
         ("Leaderboard", text_table(board), markdown_table(board)),
         ("Best per backbone", text_table(per_backbone), markdown_table(per_backbone)),
         ("Compute", saved_text, saved_text),
-        ("Hyperparameter importance",
-         (text_table(importance_frame) + "\n" if importance_frame is not None else "") + note,
-         (markdown_table(importance_frame) + "\n\n" if importance_frame is not None else "") + f"_{note}_"),
+        (
+            "Hyperparameter importance",
+            (text_table(importance_frame) + "\n" if importance_frame is not None else "") + note,
+            (markdown_table(importance_frame) + "\n\n" if importance_frame is not None else "") + f"_{note}_",
+        ),
     ]
 
 
@@ -393,10 +440,19 @@ def compare(searches: list[Search], target: Path) -> list[str]:
     for search in searches:
         saved = compute_saved(search)
         best = search.ranked().iloc[0]
-        rows.append({"search": search.name, "metric": search.metric, "trials": saved["trials"],
-                     "best_score": best["best_score"], "best_val_acc": best["best_val_acc"],
-                     "best_backbone": best["backbone"], "trial_epochs": saved["trial_epochs_run"],
-                     "stopped_early": saved["stopped_early"], "trial_hours": saved["trial_hours"]})
+        rows.append(
+            {
+                "search": search.name,
+                "metric": search.metric,
+                "trials": saved["trials"],
+                "best_score": best["best_score"],
+                "best_val_acc": best["best_val_acc"],
+                "best_backbone": best["backbone"],
+                "trial_epochs": saved["trial_epochs_run"],
+                "stopped_early": saved["stopped_early"],
+                "trial_hours": saved["trial_hours"],
+            }
+        )
     table = name_scores(pd.DataFrame(rows), searches[0].metric)
     target.mkdir(parents=True, exist_ok=True)
     plot_comparison(searches, target / "comparison.png")
@@ -408,12 +464,24 @@ def compare(searches: list[Search], target: Path) -> list[str]:
 
 def analyze_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m tune_inat.analyze", "Tables, plots and a report of one or more searches.")
-    parser.add_argument("folders", nargs="+", metavar="RESULTS_DIR", help="a search's results folder (local or a URI); "
-                        "several are compared, folders that hold no search skipped")
-    parser.add_argument("--comparison-dir", type=Path, default=None, help="where the comparison of several searches "
-                        "goes (default: comparison/ beside the first folder)")
-    parser.add_argument("--output", type=Path, default=None, help="for results at a URI: where plots and report.md go "
-                        "(default ./analysis/<name>)")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        metavar="RESULTS_DIR",
+        help="a search's results folder (local or a URI); several are compared, folders that hold no search skipped",
+    )
+    parser.add_argument(
+        "--comparison-dir",
+        type=Path,
+        default=None,
+        help="where the comparison of several searches goes (default: comparison/ beside the first folder)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="for results at a URI: where plots and report.md go (default ./analysis/<name>)",
+    )
     return parser
 
 

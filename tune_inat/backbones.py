@@ -11,8 +11,9 @@ results needs the facts, not the networks. The stage functions import torch when
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tune_inat.errors import UserError
 
@@ -98,8 +99,19 @@ def _input_transform(net: Any) -> list:
 
 
 def resnet_stages(net: Any) -> list:
-    return [net.conv1, net.bn1, net.relu, net.maxpool, *net.layer1, *net.layer2, *net.layer3, *net.layer4,
-            net.avgpool, _flatten(), net.fc]
+    return [
+        net.conv1,
+        net.bn1,
+        net.relu,
+        net.maxpool,
+        *net.layer1,
+        *net.layer2,
+        *net.layer3,
+        *net.layer4,
+        net.avgpool,
+        _flatten(),
+        net.fc,
+    ]
 
 
 def vgg_stages(net: Any) -> list:
@@ -122,17 +134,57 @@ def vit_stages(net: Any) -> list:
 
 
 def googlenet_stages(net: Any) -> list:
-    return [*_input_transform(net), net.conv1, net.maxpool1, net.conv2, net.conv3, net.maxpool2, net.inception3a,
-            net.inception3b, net.maxpool3, net.inception4a, net.inception4b, net.inception4c, net.inception4d,
-            net.inception4e, net.maxpool4, net.inception5a, net.inception5b, net.avgpool, _flatten(), net.dropout,
-            net.fc]
+    return [
+        *_input_transform(net),
+        net.conv1,
+        net.maxpool1,
+        net.conv2,
+        net.conv3,
+        net.maxpool2,
+        net.inception3a,
+        net.inception3b,
+        net.maxpool3,
+        net.inception4a,
+        net.inception4b,
+        net.inception4c,
+        net.inception4d,
+        net.inception4e,
+        net.maxpool4,
+        net.inception5a,
+        net.inception5b,
+        net.avgpool,
+        _flatten(),
+        net.dropout,
+        net.fc,
+    ]
 
 
 def inception_v3_stages(net: Any) -> list:
-    return [*_input_transform(net), net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, net.maxpool1,
-            net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, net.maxpool2, net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a,
-            net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c,
-            net.avgpool, net.dropout, _flatten(), net.fc]
+    return [
+        *_input_transform(net),
+        net.Conv2d_1a_3x3,
+        net.Conv2d_2a_3x3,
+        net.Conv2d_2b_3x3,
+        net.maxpool1,
+        net.Conv2d_3b_1x1,
+        net.Conv2d_4a_3x3,
+        net.maxpool2,
+        net.Mixed_5b,
+        net.Mixed_5c,
+        net.Mixed_5d,
+        net.Mixed_6a,
+        net.Mixed_6b,
+        net.Mixed_6c,
+        net.Mixed_6d,
+        net.Mixed_6e,
+        net.Mixed_7a,
+        net.Mixed_7b,
+        net.Mixed_7c,
+        net.avgpool,
+        net.dropout,
+        _flatten(),
+        net.fc,
+    ]
 
 
 # -- the shipped backbones ------------------------------------------------------------------------
@@ -141,19 +193,42 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
     register(Backbone(_name, 224, head="fc", stages=resnet_stages))
 for _name in ("vgg16", "vgg16_bn"):
     register(Backbone(_name, 224, head="classifier.6", stages=vgg_stages))
-register(Backbone(
-    "googlenet", 224, head="fc", stages=googlenet_stages, aux_weight=0.3,
-    aux=(AuxBranch("aux1", "aux1.fc2", "inception4a"), AuxBranch("aux2", "aux2.fc2", "inception4d")),
-))
-register(Backbone(
-    "inception_v3", 299, head="fc", stages=inception_v3_stages, aux_weight=0.4, aux_min_size=299, min_size=75,
-    aux=(AuxBranch("AuxLogits", "AuxLogits.fc", "Mixed_6e"),),
-))
+register(
+    Backbone(
+        "googlenet",
+        224,
+        head="fc",
+        stages=googlenet_stages,
+        aux_weight=0.3,
+        aux=(AuxBranch("aux1", "aux1.fc2", "inception4a"), AuxBranch("aux2", "aux2.fc2", "inception4d")),
+    )
+)
+register(
+    Backbone(
+        "inception_v3",
+        299,
+        head="fc",
+        stages=inception_v3_stages,
+        aux_weight=0.4,
+        aux_min_size=299,
+        min_size=75,
+        aux=(AuxBranch("AuxLogits", "AuxLogits.fc", "Mixed_6e"),),
+    )
+)
 register(Backbone("efficientnet_v2_s", 384, head="classifier.1", stages=features_classifier_stages))
 register(Backbone("efficientnet_v2_m", 480, head="classifier.1", stages=features_classifier_stages))
 register(Backbone("efficientnet_b0", 224, head="classifier.1", stages=features_classifier_stages))
 register(Backbone("convnext_tiny", 224, head="classifier.2", stages=convnext_stages))
-register(Backbone("vit_b_16", 224, head="heads.head", stages=vit_stages, size_multiple=16, channels_last=False,
-                  fixed_input_size=True))
+register(
+    Backbone(
+        "vit_b_16",
+        224,
+        head="heads.head",
+        stages=vit_stages,
+        size_multiple=16,
+        channels_last=False,
+        fixed_input_size=True,
+    )
+)
 register(Backbone("mobilenet_v3_small", 224, head="classifier.3", stages=features_classifier_stages))
 register(Backbone("mobilenet_v3_large", 224, head="classifier.3", stages=features_classifier_stages))

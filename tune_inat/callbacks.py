@@ -16,22 +16,36 @@ import logging
 import netrc
 import os
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from ray import tune
 import ray
+from ray import tune
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _clean_log, _QueueItem
 from ray.air.util.node import _force_on_current_node
 
-from tune_inat.results import (
-    EPOCHS_FILE, EPOCHS_SCHEMA, REPORTED_EPOCH_KEYS, REPORTED_TIME_KEY, TRIALS_FILE, TRIALS_SCHEMA, DamagedFile,
-    file_exists, read_part, resolve_folder, summarise_epochs, table_parts, typed_settings, utc, write_part,
-)
 from tune_inat.console import trial_label
+from tune_inat.results import (
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    REPORTED_EPOCH_KEYS,
+    REPORTED_TIME_KEY,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    DamagedFile,
+    file_exists,
+    read_part,
+    resolve_folder,
+    summarise_epochs,
+    table_parts,
+    typed_settings,
+    utc,
+    write_part,
+)
 from tune_inat.trainable import HISTORY_FILE, TrialFailure
 
 log = logging.getLogger(__name__)
@@ -101,8 +115,9 @@ class ResultsLog:
         known[epoch] = row
         self._waiting_epochs.append(row)
 
-    def finish(self, trial_id: str, config: dict[str, Any], last: dict[str, Any], status: str | None,
-               error: str | None = None) -> None:
+    def finish(
+        self, trial_id: str, config: dict[str, Any], last: dict[str, Any], status: str | None, error: str | None = None
+    ) -> None:
         """The trial's final row, once: status None means completed or stopped early, by its epochs."""
         if trial_id in self.finished:
             return
@@ -119,7 +134,11 @@ class ResultsLog:
             ended_at=_now(),
         )
         if status is None:
-            ran_all = row["epochs_run"] is not None and row["max_epochs"] is not None and row["epochs_run"] >= row["max_epochs"]
+            ran_all = (
+                row["epochs_run"] is not None
+                and row["max_epochs"] is not None
+                and row["epochs_run"] >= row["max_epochs"]
+            )
             status = "completed" if ran_all else "stopped_early"
         row.update(status=status, error=error)
         self.finished[trial_id] = row
@@ -129,8 +148,11 @@ class ResultsLog:
         """Write every waiting row; on failure keep them for the next try. True when nothing waits."""
         filesystem, folder = resolve_folder(self.folder)
         if self._wrote and not self.folder_lost and not file_exists(filesystem, f"{folder}/{EPOCHS_FILE}"):
-            log.warning("warning: the results folder %s was deleted while the search ran; writing every row this "
-                        "search knows again", self.folder)
+            log.warning(
+                "warning: the results folder %s was deleted while the search ran; writing every row this "
+                "search knows again",
+                self.folder,
+            )
             self.folder_lost = True
             self._waiting_epochs = [row for rows in self.epochs.values() for row in rows.values()]
             self._waiting_trials = list(self.finished.values())
@@ -143,15 +165,23 @@ class ResultsLog:
                 self._waiting_epochs = []
                 self._wrote = True
             if self._waiting_trials:
-                write_part(sorted(self._waiting_trials, key=lambda r: r["trial_id"]), TRIALS_SCHEMA, filesystem,
-                           f"{folder}/{TRIALS_FILE}")
+                write_part(
+                    sorted(self._waiting_trials, key=lambda r: r["trial_id"]),
+                    TRIALS_SCHEMA,
+                    filesystem,
+                    f"{folder}/{TRIALS_FILE}",
+                )
                 self._waiting_trials = []
                 self._wrote = True
         except (OSError, pa.ArrowException) as err:  # a full or vanished disk must not kill the search
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if not self.warned:
-                log.warning("warning: cannot write results to %s (%s); keeping %d rows in memory and retrying",
-                            self.folder, reason, self.pending)
+                log.warning(
+                    "warning: cannot write results to %s (%s); keeping %d rows in memory and retrying",
+                    self.folder,
+                    reason,
+                    self.pending,
+                )
                 self.warned = True
             self.write_error = reason
             return False
@@ -173,8 +203,12 @@ def checkpoint_history(trial: Any) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError, pa.ArrowException) as err:
-        log.warning("warning: %s/%s is damaged (%s); its epochs cannot be recovered", checkpoint.path, HISTORY_FILE,
-                    str(err).splitlines()[0][:120])
+        log.warning(
+            "warning: %s/%s is damaged (%s); its epochs cannot be recovered",
+            checkpoint.path,
+            HISTORY_FILE,
+            str(err).splitlines()[0][:120],
+        )
         return []
     return [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
 
@@ -219,8 +253,9 @@ def error_reason(trial: Any) -> str:
 class ParquetResults(tune.Callback):
     """Keep `epochs.parquet` and `trials.parquet` of one search up to date as results arrive."""
 
-    def __init__(self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max",
-                 flush_seconds: float = 5.0) -> None:
+    def __init__(
+        self, folder: str, experiment: str, metric: str = "val_acc", mode: str = "max", flush_seconds: float = 5.0
+    ) -> None:
         self.results = ResultsLog(folder, experiment, metric, mode)
         self.flush_seconds = flush_seconds
         self._reconciled = False
@@ -240,8 +275,11 @@ class ParquetResults(tune.Callback):
         before = known[max(known)]["micro_batch_size"] if known else None
         self.results.add_epoch(trial.trial_id, trial.config, result)
         if before and result.get("micro_batch_size") and result["micro_batch_size"] < before:
-            log.warning("trial %s ran out of GPU memory: it goes on with micro-batches of %d (the same effective batch)",
-                        trial_label(trial), result["micro_batch_size"])
+            log.warning(
+                "trial %s ran out of GPU memory: it goes on with micro-batches of %d (the same effective batch)",
+                trial_label(trial),
+                result["micro_batch_size"],
+            )
         self._flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -329,8 +367,9 @@ class TolerantWandbCallback(WandbLoggerCallback):
             wandb_init_kwargs["dir"] = trial.storage.trial_fs_path
         if not self._remote_logger_class:  # Ray's restarts its actors forever, and its core worker warns of that
             env = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
-            self._remote_logger_class = ray.remote(num_cpus=0, **_force_on_current_node(), max_restarts=0,
-                                                   runtime_env={"env_vars": env})(self._logger_actor_cls)
+            self._remote_logger_class = ray.remote(
+                num_cpus=0, **_force_on_current_node(), max_restarts=0, runtime_env={"env_vars": env}
+            )(self._logger_actor_cls)
         super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
@@ -340,6 +379,7 @@ class TolerantWandbCallback(WandbLoggerCallback):
         """Ray's version waits for the trial's queue actor to take each result (seconds for the first one),
         and the driver, so every trial, waited with it. Sent without waiting instead: one caller's calls
         to one actor run in the order they were made."""
+
         def send() -> None:
             if trial not in self._trial_logging_actors:
                 self.log_trial_start(trial)
@@ -357,6 +397,7 @@ class TolerantWandbCallback(WandbLoggerCallback):
         Ray waits `upload_timeout` for runs whose trials never ended: 5 minutes after a Ctrl-C.
         Offline runs are already on disk; closing them takes seconds.
         """
+
         def finish_all() -> None:
             for trial in list(self._trial_queues):
                 self._trial_queues[trial].actor.put.remote((_QueueItem.END, None), None)
@@ -376,15 +417,28 @@ def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
         project=project,
         group=experiment,
         log_config=False,
-        upload_timeout=20 if offline else 300,  # at the end, wait at most this long for the runs to be closed or uploaded
-        excludes=["pid", "hostname", "node_ip", "date", "time_since_restore", "iterations_since_restore",
-                  "checkpoint_dir_name", "timestamp", REPORTED_TIME_KEY, "started_at"],
+        upload_timeout=20
+        if offline
+        else 300,  # at the end, wait at most this long for the runs to be closed or uploaded
+        excludes=[
+            "pid",
+            "hostname",
+            "node_ip",
+            "date",
+            "time_since_restore",
+            "iterations_since_restore",
+            "checkpoint_dir_name",
+            "timestamp",
+            REPORTED_TIME_KEY,
+            "started_at",
+        ],
         resume="allow",  # a restored trial continues its run (same id) instead of clashing with it
         job_type="trial",
     )
 
 
 def unwritten_message(results: ResultsLog) -> str:
-    return (f"{results.pending} result rows could not be written to {results.folder} ({results.write_error}); "
-            f"free space there, then run the same command with --resume to write them from the checkpoints")
-
+    return (
+        f"{results.pending} result rows could not be written to {results.folder} ({results.write_error}); "
+        f"free space there, then run the same command with --resume to write them from the checkpoints"
+    )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tune_inat.cli import command_parser, run_command
 from tune_inat.errors import UserError
@@ -25,8 +25,10 @@ def clean_checkpoints(results_folder: str) -> tuple[str | None, int]:
     results = read_results(results_folder)
     unfinished = results.trials[~results.trials["status"].isin(["completed", "stopped_early", "error"])]
     if len(unfinished):
-        raise UserError(f"{results_folder} is not finished ({len(unfinished)} trials unfinished): resume it first; "
-                        f"its checkpoints are what --resume continues from")
+        raise UserError(
+            f"{results_folder} is not finished ({len(unfinished)} trials unfinished): resume it first; "
+            f"its checkpoints are what --resume continues from"
+        )
     # Ray's state beside the results (the default), else where the search recorded it (--storage-path)
     here = Path(results_folder) / "tuner.pkl"
     experiment = results_folder if here.is_file() else results.record.get("experiment_path", results_folder)
@@ -49,7 +51,9 @@ def clean_checkpoints(results_folder: str) -> tuple[str | None, int]:
 
 def clean_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m tune_inat.clean", "Delete a finished search's checkpoints but the best one.")
-    parser.add_argument("folder", metavar="RESULTS_DIR", help="the search's results folder, e.g. results/demo-20261122-045202")
+    parser.add_argument(
+        "folder", metavar="RESULTS_DIR", help="the search's results folder, e.g. results/demo-20261122-045202"
+    )
     return parser
 
 

@@ -11,8 +11,9 @@ import argparse
 import logging
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -74,8 +75,9 @@ def setup_logging(debug: bool = False, quiet: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
 
 
-def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
-                argv: Sequence[str] | None = None) -> int:
+def run_command(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv: Sequence[str] | None = None
+) -> int:
     """Parse `argv`, set up logging, run; user errors are one line and exit 2, Ctrl-C exits 130."""
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     setup_logging(getattr(args, "debug", False), getattr(args, "quiet", False))
@@ -95,15 +97,36 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     """--data/--demo, --cache-dir and the split flags; None means "not given" (a file may set it)."""
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=required)
-    source.add_argument("--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)")
-    source.add_argument("--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)")
-    data.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
-    data.add_argument("--val-fraction", type=float, default=None, help=f"share of train/ held out for validation (default {DEFAULT_VAL_FRACTION})")
-    data.add_argument("--test-fraction", type=float, default=None, help=f"for a root without val/: share of each class held out as the test set (default {DEFAULT_TEST_FRACTION})")
+    source.add_argument(
+        "--data", type=Path, metavar="DIR", help="dataset root (train/<class>/ and val/<class>/, or <class>/ only)"
+    )
+    source.add_argument(
+        "--demo", action="store_true", help="use the generated demo folder (made once, under the cache dir)"
+    )
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"share of train/ held out for validation (default {DEFAULT_VAL_FRACTION})",
+    )
+    data.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help=f"for a root without val/: share of each class held out as the test set (default {DEFAULT_TEST_FRACTION})",
+    )
     data.add_argument("--split-seed", type=int, default=None, help="seed of the validation and test splits (default 0)")
 
 
-def data_config_from_args(args: argparse.Namespace, val_fraction: float | None = None, split_seed: int | None = None) -> DataConfig:
+def data_config_from_args(
+    args: argparse.Namespace, val_fraction: float | None = None, split_seed: int | None = None
+) -> DataConfig:
     """The DataConfig the flags describe; `val_fraction`/`split_seed` are fallbacks (e.g. from a space file)."""
     cache_dir = (args.cache_dir or default_cache_dir()).expanduser().absolute()
     val = args.val_fraction if args.val_fraction is not None else (val_fraction or DEFAULT_VAL_FRACTION)
@@ -117,7 +140,7 @@ def data_config_from_args(args: argparse.Namespace, val_fraction: float | None =
 
 
 def read_yaml(path: Path, what: str = "file") -> Any:
-    """Parse a YAML file; a missing, unreadable or damaged file or a syntax error (with its line) is one UserError line."""
+    """Parse a YAML file; a missing, unreadable or damaged file, or a syntax error (with its line), is one UserError."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

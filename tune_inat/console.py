@@ -28,7 +28,7 @@ def clock(seconds: float) -> str:
 
 
 def trial_label(trial: Any) -> str:
-    """"8 (aca041df)": the number of its folder, and the id the tables use."""
+    """ "8 (aca041df)": the number of its folder, and the id the tables use."""
     number = trial.experiment_tag.split("_", 1)[0]
     return f"{number} ({trial.trial_id})" if number.isdigit() else trial.trial_id
 
@@ -36,8 +36,17 @@ def trial_label(trial: Any) -> str:
 class StatusReporter(ProgressReporter):
     """A compact status block every `interval` seconds, and a last one at the end."""
 
-    def __init__(self, metric: str, mode: str, searched: list[str], max_epochs: int, num_samples: int,
-                 concurrent: int, interval: float = STATUS_INTERVAL_S, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        searched: list[str],
+        max_epochs: int,
+        num_samples: int,
+        concurrent: int,
+        interval: float = STATUS_INTERVAL_S,
+        out: TextIO | None = None,
+    ) -> None:
         self.metric, self.mode, self.searched = metric, mode, searched
         self.max_epochs, self.num_samples, self.concurrent = max_epochs, num_samples, concurrent
         self.interval = interval
@@ -64,14 +73,19 @@ class StatusReporter(ProgressReporter):
         counts = {status: sum(t.status == status for t in trials) for status in ("RUNNING", "PAUSED", "PENDING")}
         ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
         failed = sum(t.status == "ERROR" for t in ended)
-        stopped = sum(t.status == "TERMINATED" and (t.last_result or {}).get("epoch", 0) < self.max_epochs
-                      for t in ended)
+        stopped = sum(
+            t.status == "TERMINATED" and (t.last_result or {}).get("epoch", 0) < self.max_epochs for t in ended
+        )
         total = max(self.num_samples, len(trials))
         state = [f"{counts['RUNNING']} running"]
         if counts["PAUSED"]:
             state.append(f"{counts['PAUSED']} waiting at a rung")
-        state += [f"{counts['PENDING'] + total - len(trials)} to start", f"{len(ended) - stopped - failed} completed",
-                  f"{stopped} stopped early", f"{failed} failed"]
+        state += [
+            f"{counts['PENDING'] + total - len(trials)} to start",
+            f"{len(ended) - stopped - failed} completed",
+            f"{stopped} stopped early",
+            f"{failed} failed",
+        ]
         lines = [f"[{clock(elapsed)}] trials: {', '.join(state)} (of {total})"]
         best = self.best(trials)
         if best is not None:
@@ -94,8 +108,9 @@ class StatusReporter(ProgressReporter):
 
     def epochs_left(self, trials: list) -> int:
         started = sum(t.status not in ("PENDING",) for t in trials)
-        running = sum(self.max_epochs - (t.last_result or {}).get("epoch", 0) for t in trials
-                      if t.status in ("RUNNING", "PAUSED"))
+        running = sum(
+            self.max_epochs - (t.last_result or {}).get("epoch", 0) for t in trials if t.status in ("RUNNING", "PAUSED")
+        )
         waiting = self.max_epochs * (max(self.num_samples, len(trials)) - started)
         return max(0, running) + max(0, waiting)
 

@@ -16,20 +16,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tune_inat.backbones import get_backbone
 from tune_inat.data.batches import Augmentation, DeviceBatches
 from tune_inat.data.dataset import TrainValData
 from tune_inat.errors import UserError
 from tune_inat.features import FeatureBatches, feature_key, prefix_outputs
 from tune_inat.host_memory import reuse_freed_memory
-from tune_inat.backbones import get_backbone
 from tune_inat.models import FineTuneModel, build_model, parameter_groups
 from tune_inat.settings import TrainConfig
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; asking for CUDA without one is a user error."""
@@ -77,7 +79,9 @@ def build_optimizer(model: FineTuneModel, config: TrainConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `warmup_steps`, then cosine decay to zero at `total_steps`; stepped per batch."""
 
     def factor(step: int) -> float:
@@ -184,10 +188,20 @@ class FineTuning:
         self.uses_cached_features = features is not None
         if features is not None:  # train only the rest of the network, on the prefix's cached outputs
             self.forward_model: nn.Module = self.model.split_frozen_prefix()[1]
-            self.train_batches = FeatureBatches(features, data.labels, data.train_rows, batch_size=micro_batch,
-                                                device=device, train=True, seed=config.seed)
-            self.val_batches = (FeatureBatches(features, data.labels, data.val_rows, batch_size=eval_batch, device=device,
-                                               train=False) if len(data.val_rows) else None)
+            self.train_batches = FeatureBatches(
+                features,
+                data.labels,
+                data.train_rows,
+                batch_size=micro_batch,
+                device=device,
+                train=True,
+                seed=config.seed,
+            )
+            self.val_batches = (
+                FeatureBatches(features, data.labels, data.val_rows, batch_size=eval_batch, device=device, train=False)
+                if len(data.val_rows)
+                else None
+            )
         else:
             self.forward_model = self.model
             images = data.cache.open_images()
@@ -198,7 +212,8 @@ class FineTuning:
             )  # fmt: skip
             self.val_batches = (
                 DeviceBatches(images, data.labels, data.val_rows, train=False, batch_size=eval_batch, **common)
-                if len(data.val_rows) else None  # the final re-training on train + validation validates nothing
+                if len(data.val_rows)
+                else None  # the final re-training on train + validation validates nothing
             )
         if config.compile:  # in place, so parameter names (and checkpoints) stay the same
             (self.forward_model.rest if self.uses_cached_features else self.model.net).compile()
@@ -218,7 +233,9 @@ class FineTuning:
             return None
         config = self.config
         dtype = str(self.precision.dtype or torch.float32).removeprefix("torch.")
-        key = feature_key(data, config.backbone, config.weights, self.model.prefix_length, config.image_size, config.seed, dtype)
+        key = feature_key(
+            data, config.backbone, config.weights, self.model.prefix_length, config.image_size, config.seed, dtype
+        )
         return prefix_outputs(split[0], data, config.image_size, self.device, key, self.precision.dtype)
 
     @property
@@ -279,7 +296,10 @@ class FineTuning:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         expected_missing = set(self.model.state_dict()) - set(self.model_state())
         if unexpected or set(missing) - expected_missing:
-            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(set(missing) - expected_missing)[:3]}, unexpected {unexpected[:3]}")
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {sorted(set(missing) - expected_missing)[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

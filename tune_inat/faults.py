@@ -2,16 +2,16 @@
 
 `TUNE_INAT_FAULTS="2:3:error:1,4:2:oom:always,1:2:slow:5"` makes trial 2 raise once at the start
 of epoch 3, trial 4 run out of memory at epoch 2 every time, and trial 1 wait 5 s before its
-epoch 2 (to change the order trials report in; trial numbers as in the `trial_<number>_<id>` folders). The search installs a `FaultInjector` as the trials'
-`before_epoch` hook only when the variable is set; a normal search has no hook at all.
+epoch 2 (to change the order trials report in; trial numbers as in the `trial_<number>_<id>`
+folders). The search installs a `FaultInjector` as the trials' `before_epoch` hook only when the
+variable is set; a normal search has no hook at all.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import time
 
 import torch
 
@@ -30,7 +30,7 @@ class Fault:
 
 
 def parse_faults(text: str | None) -> tuple[Fault, ...]:
-    """"1:2:error:1,3:2:oom:always" -> Faults."""
+    """ "1:2:error:1,3:2:oom:always" -> Faults."""
     faults = []
     for item in filter(None, (text or "").split(",")):
         trial, epoch, kind, *extra = item.strip().split(":")

@@ -18,8 +18,8 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 FEATURE_CACHE_LIMIT_BYTES = 8 * 2**30  # larger prefixes outputs are recomputed every epoch instead
 
 
-def feature_key(data: TrainValData, backbone: str, weights: str, prefix_length: int, image_size: int, seed: int, dtype: str) -> str:
+def feature_key(
+    data: TrainValData, backbone: str, weights: str, prefix_length: int, image_size: int, seed: int, dtype: str
+) -> str:
     """Identity of a feature cache: the frozen weights it depends on, and the images."""
     if weights == "none":
         weights_id = f"random-init-seed-{seed}"  # the frozen prefix is the seeded random initialisation
@@ -43,7 +45,9 @@ def feature_key(data: TrainValData, backbone: str, weights: str, prefix_length: 
     else:
         stat = Path(weights).stat()
         weights_id = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    identity = f"{data.cache.directory.name}|{backbone}|{weights_id}|{prefix_length}|{image_size}|{dtype}|{torch.__version__}"
+    identity = (
+        f"{data.cache.directory.name}|{backbone}|{weights_id}|{prefix_length}|{image_size}|{dtype}|{torch.__version__}"
+    )
     return f"{backbone}-{prefix_length}-{image_size}px-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
@@ -58,8 +62,13 @@ def _describe(path: Path) -> dict:
     """What a finished feature array holds: written beside it, checked when it is opened."""
     store = np.load(path, mmap_mode="r")
     rows = sorted({int(i) for i in np.linspace(0, len(store) - 1, min(len(store), SAMPLED_ROWS))})
-    return {"shape": list(store.shape), "dtype": str(store.dtype), "bytes": path.stat().st_size,
-            "sampled_rows": rows, "sampled_digests": _row_digests(store, rows)}
+    return {
+        "shape": list(store.shape),
+        "dtype": str(store.dtype),
+        "bytes": path.stat().st_size,
+        "sampled_rows": rows,
+        "sampled_digests": _row_digests(store, rows),
+    }
 
 
 def _open_checked(path: Path, warn: bool) -> np.ndarray | None:
@@ -70,9 +79,12 @@ def _open_checked(path: Path, warn: bool) -> np.ndarray | None:
     try:
         record = json.loads(record_path.read_text())
         store = np.load(path, mmap_mode="r")
-        ok = (list(store.shape) == record["shape"] and str(store.dtype) == record["dtype"]
-              and path.stat().st_size == record["bytes"]
-              and _row_digests(store, record["sampled_rows"]) == record["sampled_digests"])
+        ok = (
+            list(store.shape) == record["shape"]
+            and str(store.dtype) == record["dtype"]
+            and path.stat().st_size == record["bytes"]
+            and _row_digests(store, record["sampled_rows"]) == record["sampled_digests"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
@@ -84,7 +96,12 @@ def _open_checked(path: Path, warn: bool) -> np.ndarray | None:
 
 @torch.inference_mode()
 def prefix_outputs(
-    prefix: nn.Module, data: TrainValData, image_size: int, device: torch.device, key: str, autocast_dtype: torch.dtype | None
+    prefix: nn.Module,
+    data: TrainValData,
+    image_size: int,
+    device: torch.device,
+    key: str,
+    autocast_dtype: torch.dtype | None,
 ) -> np.ndarray | None:
     """The prefix's outputs for every cached image (row-indexed, memory-mapped), or None if too large."""
     folder = data.cache.directory.parent / "features"
@@ -99,8 +116,16 @@ def prefix_outputs(
             return found
         images = data.cache.open_images()
         rows = data.cache.rows
-        batches = DeviceBatches(images, data.labels, rows, batch_size=128, image_size=image_size, device=device,
-                                train=False, channels_last=device.type == "cuda")
+        batches = DeviceBatches(
+            images,
+            data.labels,
+            rows,
+            batch_size=128,
+            image_size=image_size,
+            device=device,
+            train=False,
+            channels_last=device.type == "cuda",
+        )
         prefix.eval()
         dtype = np.float16 if autocast_dtype is not None else np.float32
         partial = folder / f".{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}.npy"
@@ -112,9 +137,14 @@ def prefix_outputs(
                 if store is None:
                     size = len(images) * math.prod(output.shape[1:]) * np.dtype(dtype).itemsize
                     if size > FEATURE_CACHE_LIMIT_BYTES:
-                        log.info("frozen-prefix outputs would take %.1f GiB: computing them every epoch instead", size / 2**30)
+                        log.info(
+                            "frozen-prefix outputs would take %.1f GiB: computing them every epoch instead",
+                            size / 2**30,
+                        )
                         return None
-                    store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(images), *output.shape[1:]))
+                    store = np.lib.format.open_memmap(
+                        partial, mode="w+", dtype=dtype, shape=(len(images), *output.shape[1:])
+                    )
                 store[batch_rows] = output.float().cpu().numpy().astype(dtype)
             store.flush()
             del store
@@ -132,8 +162,17 @@ def prefix_outputs(
 class FeatureBatches(BatchOrder):
     """Batches of (features, labels) on `device`, in the same order as the image batches of the same run."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, rows: np.ndarray, *, batch_size: int,
-                 device: torch.device, train: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        rows: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        seed: int = 0,
+    ) -> None:
         super().__init__(rows, batch_size, train, seed)
         self.features = features
         self.labels = labels
@@ -142,4 +181,7 @@ class FeatureBatches(BatchOrder):
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch_rows in self.batches(epoch):
             features = torch.from_numpy(np.asarray(self.features[batch_rows]))  # float16 or float32 as stored
-            yield features.to(self.device, non_blocking=True).float(), torch.from_numpy(self.labels[batch_rows]).to(self.device)
+            yield (
+                features.to(self.device, non_blocking=True).float(),
+                torch.from_numpy(self.labels[batch_rows]).to(self.device),
+            )

@@ -19,9 +19,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -56,12 +56,18 @@ class Candidate:
     epoch_seconds: float  # mean seconds per epoch in the search (for the estimate)
 
 
-def top_candidates(trials: pd.DataFrame, k: int, mode: str = "max", epochs: pd.DataFrame | None = None) -> list[Candidate]:
+def top_candidates(
+    trials: pd.DataFrame, k: int, mode: str = "max", epochs: pd.DataFrame | None = None
+) -> list[Candidate]:
     """The k best completed trials (the search's own ranking), with the epochs they actually trained."""
     finished = trials[(trials["status"] == "completed") & trials["best_score"].notna()]
     if finished.empty:
         raise UserError("the search has no finished trials yet (none completed all its epochs)")
-    seconds = epochs.groupby("trial_id")["epoch_seconds"].mean() if epochs is not None and len(epochs) else pd.Series(dtype=float)
+    seconds = (
+        epochs.groupby("trial_id")["epoch_seconds"].mean()
+        if epochs is not None and len(epochs)
+        else pd.Series(dtype=float)
+    )
     candidates: list[Candidate] = []
     seen: set[tuple] = set()
     for _, row in rank_trials(finished, mode).iterrows():
@@ -69,15 +75,18 @@ def top_candidates(trials: pd.DataFrame, k: int, mode: str = "max", epochs: pd.D
         key = tuple(sorted(replace(settings, seed=0).to_dict().items()))
         if key not in seen:  # a grid can hold the same configuration twice
             seen.add(key)
-            candidates.append(Candidate(row["trial_id"], settings, float(row["best_val_acc"]),
-                                        float(seconds.get(row["trial_id"], math.nan))))
+            candidates.append(
+                Candidate(
+                    row["trial_id"], settings, float(row["best_val_acc"]), float(seconds.get(row["trial_id"], math.nan))
+                )
+            )
         if len(candidates) == k:
             break
     return candidates
 
 
 class Progress:
-    """"confirm 3/5: trial X seed 1, epoch 4/6, ~2 min left", from the search's own epoch times, then measured ones."""
+    """ "confirm 3/5: trial X seed 1, epoch 4/6, ~2 min left", from the search's own epoch times, then measured ones."""
 
     def __init__(self, planned: list[tuple[str, Candidate]]) -> None:
         self.planned = planned  # (what, candidate) of every run, in order
@@ -93,15 +102,26 @@ class Progress:
 
     def estimate(self, run: int = 0, epochs_done: int = 0) -> float:
         """Seconds left from epoch `epochs_done` of run `run` to the end of the last run."""
-        return sum((c.settings.epochs - (epochs_done if i == run else 0)) * self.pace(c)
-                   for i, (_, c) in enumerate(self.planned[run:], start=run))
+        return sum(
+            (c.settings.epochs - (epochs_done if i == run else 0)) * self.pace(c)
+            for i, (_, c) in enumerate(self.planned[run:], start=run)
+        )
 
     def epoch(self, metrics: dict[str, float]) -> None:
         self.done_epochs += 1
         what, candidate = self.planned[self.run]
         val = "-" if math.isnan(metrics["val_acc"]) else percent(metrics["val_acc"])
-        log.info("%s %d/%d: %s, epoch %d/%d, val_acc %s, ~%s left", what, self.run + 1, len(self.planned), candidate.trial_id,
-                 metrics["epoch"], candidate.settings.epochs, val, minutes(self.estimate(self.run, int(metrics["epoch"]))))
+        log.info(
+            "%s %d/%d: %s, epoch %d/%d, val_acc %s, ~%s left",
+            what,
+            self.run + 1,
+            len(self.planned),
+            candidate.trial_id,
+            metrics["epoch"],
+            candidate.settings.epochs,
+            val,
+            minutes(self.estimate(self.run, int(metrics["epoch"]))),
+        )
 
     def next_run(self) -> None:
         self.run += 1
@@ -111,7 +131,9 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def train_to_the_end(settings: TrainConfig, data: TrainValData, device: torch.device, progress: Progress | None = None) -> FineTuning:
+def train_to_the_end(
+    settings: TrainConfig, data: TrainValData, device: torch.device, progress: Progress | None = None
+) -> FineTuning:
     run = FineTuning(settings, data, device)
     while not run.done:
         metrics = run.run_epoch()
@@ -122,19 +144,27 @@ def train_to_the_end(settings: TrainConfig, data: TrainValData, device: torch.de
     return run
 
 
-def confirm(candidates: list[Candidate], data_for: dict[int, TrainValData], seeds: int, device: torch.device,
-            progress: Progress | None = None) -> pd.DataFrame:
+def confirm(
+    candidates: list[Candidate],
+    data_for: dict[int, TrainValData],
+    seeds: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
     """Each candidate re-trained with `seeds` seeds; one row per run with its final validation accuracy."""
     rows = []
     for candidate in candidates:
         for seed in range(seeds):
-            run = train_to_the_end(replace(candidate.settings, seed=seed), data_for[candidate.settings.image_size],
-                                   device, progress)
+            run = train_to_the_end(
+                replace(candidate.settings, seed=seed), data_for[candidate.settings.image_size], device, progress
+            )
             rows.append({"trial_id": candidate.trial_id, "seed": seed, **run.last_metrics})
     return pd.DataFrame(rows)
 
 
-def rank_confirmed(candidates: list[Candidate], runs: pd.DataFrame, metric: str = "val_acc", mode: str = "max") -> pd.DataFrame:
+def rank_confirmed(
+    candidates: list[Candidate], runs: pd.DataFrame, metric: str = "val_acc", mode: str = "max"
+) -> pd.DataFrame:
     """Candidates by the mean of the search's metric over their seeds (ties: the search's order)."""
     table = runs.groupby("trial_id", sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
     table = table.rename(columns={"mean": f"{metric}_mean", "std": f"{metric}_std", "count": "seeds"})
@@ -145,7 +175,9 @@ def rank_confirmed(candidates: list[Candidate], runs: pd.DataFrame, metric: str 
     return table.sort_values(f"{metric}_mean", ascending=mode == "min", kind="stable").reset_index(drop=True)
 
 
-def classification_report(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
+def classification_report(
+    labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true class)."""
     n = len(classes)
     confusion = np.zeros((n, n), dtype=np.int64)
@@ -156,7 +188,9 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, classes: 
     precision = np.divide(true_positive, predicted, out=np.zeros(n), where=predicted > 0)
     recall = np.divide(true_positive, actual, out=np.zeros(n), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
-    report = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1, "support": actual.astype(int)})
+    report = pd.DataFrame(
+        {"class": list(classes), "precision": precision, "recall": recall, "f1": f1, "support": actual.astype(int)}
+    )
     return report, confusion
 
 
@@ -166,8 +200,15 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, ti
     image = ax.imshow(100 * shares, cmap="Blues", vmin=0, vmax=100)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if shares[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(confusion[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted class")
@@ -189,8 +230,15 @@ def grid_rows(labels: np.ndarray, classes: Sequence[str], seed: int = 0) -> list
     return picks
 
 
-def plot_prediction_grid(squares: np.ndarray, labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str],
-                         picks: list[list[int]], path: Path, title: str) -> None:
+def plot_prediction_grid(
+    squares: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    classes: Sequence[str],
+    picks: list[list[int]],
+    path: Path,
+    title: str,
+) -> None:
     fig, axes = plt.subplots(len(picks), GRID_COLUMNS, figsize=(3 * GRID_COLUMNS, 2.6 * len(picks)), squeeze=False)
     for r, row in enumerate(picks):
         for c in range(GRID_COLUMNS):
@@ -201,8 +249,11 @@ def plot_prediction_grid(squares: np.ndarray, labels: np.ndarray, predictions: n
             i = row[c]
             ok = predictions[i] == labels[i]
             ax.imshow(squares[i])
-            ax.set_title(f"{'✓' if ok else '✗'} true: {classes[labels[i]]}\npredicted: {classes[predictions[i]]}",
-                         fontsize=9, color="green" if ok else "red")
+            ax.set_title(
+                f"{'✓' if ok else '✗'} true: {classes[labels[i]]}\npredicted: {classes[predictions[i]]}",
+                fontsize=9,
+                color="green" if ok else "red",
+            )
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.6 * len(picks))))  # leave room for the title
     fig.savefig(path, dpi=100)
@@ -211,19 +262,35 @@ def plot_prediction_grid(squares: np.ndarray, labels: np.ndarray, predictions: n
 
 def evaluate_once_on_test(run: FineTuning, test: TestData, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and true labels of every test image: the only time the test set is read."""
-    batches = DeviceBatches(test.cache.open_images(), test.cache.labels, test.rows, batch_size=128,
-                            image_size=run.config.image_size, device=device, train=False)
+    batches = DeviceBatches(
+        test.cache.open_images(),
+        test.cache.labels,
+        test.rows,
+        batch_size=128,
+        image_size=run.config.image_size,
+        device=device,
+        train=False,
+    )
     return predict_probabilities(run.model, batches.epoch(0), MixedPrecision(device))
 
 
-def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root: Path | None, max_epochs: int | None) -> str:
+def run_final(
+    folder: Path, top_k: int, seeds: int, device_name: str, data_root: Path | None, max_epochs: int | None
+) -> str:
     info = read_search_record(str(folder))
     search = load_search(folder)
     candidates = top_candidates(search.trials, top_k, search.mode, search.epochs)
     if max_epochs:
-        candidates = [replace(c, settings=replace(c.settings, epochs=min(c.settings.epochs, max_epochs))) for c in candidates]
-    data_config = DataConfig(root=data_root or Path(info["data_root"]), cache_dir=Path(info["cache_dir"]),
-                             val_fraction=info["val_fraction"], test_fraction=info["test_fraction"], split_seed=info["split_seed"])
+        candidates = [
+            replace(c, settings=replace(c.settings, epochs=min(c.settings.epochs, max_epochs))) for c in candidates
+        ]
+    data_config = DataConfig(
+        root=data_root or Path(info["data_root"]),
+        cache_dir=Path(info["cache_dir"]),
+        val_fraction=info["val_fraction"],
+        test_fraction=info["test_fraction"],
+        split_seed=info["split_seed"],
+    )
     fetch_weights([c.settings.backbone for c in candidates if c.settings.weights == "imagenet"])
     device = resolve_device(device_name)
     data_for = {size: prepare_train_val(data_config, size) for size in {c.settings.image_size for c in candidates}}
@@ -233,15 +300,23 @@ def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root:
     plan = [("confirm", c) for c in candidates for _ in range(seeds)] + [("re-train", candidates[0])]
     progress = Progress(plan)
     epochs = sum(c.settings.epochs for _, c in plan)
-    log.info("final: %d candidates x %d seeds, then the winner re-trained on train + validation: %d runs, %d epochs, "
-             "about %s (from the search's epoch times)", len(candidates), seeds, len(plan), epochs, minutes(progress.estimate()))
+    log.info(
+        "final: %d candidates x %d seeds, then the winner re-trained on train + validation: %d runs, %d epochs, "
+        "about %s (from the search's epoch times)",
+        len(candidates),
+        seeds,
+        len(plan),
+        epochs,
+        minutes(progress.estimate()),
+    )
     runs = confirm(candidates, data_for, seeds, device, progress)
     ranking = rank_confirmed(candidates, runs, search.metric, search.mode)
     ranking.to_csv(out / "confirmation.csv", index=False)
     winner = next(c for c in candidates if c.trial_id == ranking["trial_id"].iloc[0])
     progress.planned[-1] = ("re-train", winner)
-    final_run = train_to_the_end(replace(winner.settings, seed=0), merge_validation(data_for[winner.settings.image_size]),
-                                 device, progress)
+    final_run = train_to_the_end(
+        replace(winner.settings, seed=0), merge_validation(data_for[winner.settings.image_size]), device, progress
+    )
 
     test = prepare_test(data_config, winner.settings.image_size)
     probabilities, labels = evaluate_once_on_test(final_run, test, device)
@@ -249,41 +324,72 @@ def run_final(folder: Path, top_k: int, seeds: int, device_name: str, data_root:
     accuracy = float((predictions == labels).mean())
     report, confusion = classification_report(labels, predictions, test.classes)
     report.to_csv(out / "per_class.csv", index=False)
-    pd.DataFrame({"file": [test.cache.files[r] for r in test.rows], "true": [test.classes[i] for i in labels],
-                  "predicted": [test.classes[i] for i in predictions], "probability": probabilities.max(1)}
-                 ).to_csv(out / "test_predictions.csv", index=False)
+    pd.DataFrame(
+        {
+            "file": [test.cache.files[r] for r in test.rows],
+            "true": [test.classes[i] for i in labels],
+            "predicted": [test.classes[i] for i in predictions],
+            "probability": probabilities.max(1),
+        }
+    ).to_csv(out / "test_predictions.csv", index=False)
     title = f"{winner.settings.backbone}: test accuracy {100 * accuracy:.1f}% ({len(labels)} images)"
     plot_confusion(confusion, test.classes, out / "confusion_matrix.png", title)
     squares = test.cache.open_images()[test.rows]
-    plot_prediction_grid(squares, labels, predictions, test.classes, grid_rows(labels, test.classes), out / "test_predictions.png", title)
-    save_model_file(out / "model.pt", final_run.model, test.classes, winner.settings.image_size, winner.settings.to_dict())
+    plot_prediction_grid(
+        squares, labels, predictions, test.classes, grid_rows(labels, test.classes), out / "test_predictions.png", title
+    )
+    save_model_file(
+        out / "model.pt", final_run.model, test.classes, winner.settings.image_size, winner.settings.to_dict()
+    )
 
-    summary = {"winner_trial": winner.trial_id, "settings": winner.settings.to_dict(), "test_accuracy": accuracy,
-               "test_images": int(len(labels)), "test_set_evaluations": 1, "top_k": len(candidates), "seeds": seeds}
+    summary = {
+        "winner_trial": winner.trial_id,
+        "settings": winner.settings.to_dict(),
+        "test_accuracy": accuracy,
+        "test_images": int(len(labels)),
+        "test_set_evaluations": 1,
+        "top_k": len(candidates),
+        "seeds": seeds,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    markdown = "\n".join([
-        f"Winner: trial `{winner.trial_id}` ({winner.settings.backbone}, {winner.settings.image_size} px, freeze "
-        f"{winner.settings.freeze_fraction:.2f}, lr {winner.settings.lr:.2g}, batch {winner.settings.batch_size}, "
-        f"{winner.settings.epochs} epochs), re-trained on train + validation.",
-        "", f"**Test accuracy: {100 * accuracy:.1f}%** on {len(labels)} images, evaluated once.", "",
-        f"Confirmation on the validation split ({seeds} seeds each):", "", markdown_table(ranking), "",
-        "Per class on the test set:", "", markdown_table(report), "",
-        "![confusion matrix](final/confusion_matrix.png)", "", "![test predictions](final/test_predictions.png)", "",
-        "Model: `final/model.pt` (`python -m tune_inat.predict final/model.pt IMAGE`).",
-    ])
+    markdown = "\n".join(
+        [
+            f"Winner: trial `{winner.trial_id}` ({winner.settings.backbone}, {winner.settings.image_size} px, freeze "
+            f"{winner.settings.freeze_fraction:.2f}, lr {winner.settings.lr:.2g}, batch {winner.settings.batch_size}, "
+            f"{winner.settings.epochs} epochs), re-trained on train + validation.",
+            "",
+            f"**Test accuracy: {100 * accuracy:.1f}%** on {len(labels)} images, evaluated once.",
+            "",
+            f"Confirmation on the validation split ({seeds} seeds each):",
+            "",
+            markdown_table(ranking),
+            "",
+            "Per class on the test set:",
+            "",
+            markdown_table(report),
+            "",
+            "![confusion matrix](final/confusion_matrix.png)",
+            "",
+            "![test predictions](final/test_predictions.png)",
+            "",
+            "Model: `final/model.pt` (`python -m tune_inat.predict final/model.pt IMAGE`).",
+        ]
+    )
     (out / "summary.md").write_text(markdown)
     write_report(search, summary_sections(search), write_plots(search))
     return (
         f"Confirmation on the validation split ({seeds} seeds each):\n{text_table(ranking)}\n\n"
-        f"Winner: trial {winner.trial_id}; test accuracy {100 * accuracy:.1f}% on {len(labels)} images (evaluated once)\n"
+        f"Winner: trial {winner.trial_id}; test accuracy {100 * accuracy:.1f}% on {len(labels)} images "
+        f"(evaluated once)\n"
         f"{text_table(report)}\n\nWritten to {out}: model.pt, summary.json, summary.md, confirmation.csv, "
         f"per_class.csv, test_predictions.csv, confusion_matrix.png, test_predictions.png; report.md updated"
     )
 
 
 def final_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m tune_inat.final",
-                            "Confirm the best configurations, re-train the winner, test it once, export it.")
+    parser = command_parser(
+        "python -m tune_inat.final", "Confirm the best configurations, re-train the winner, test it once, export it."
+    )
     parser.add_argument("folder", type=Path, metavar="RESULTS_DIR", help="a finished search's results folder")
     parser.add_argument("--top-k", type=int, default=3, help="configurations to confirm")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")

@@ -37,8 +37,10 @@ class SearchLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(f"search {self.name} is already running ({self._owner()}); wait for it to end, "
-                            f"or start another search with another --name") from None
+            raise UserError(
+                f"search {self.name} is already running ({self._owner()}); wait for it to end, "
+                f"or start another search with another --name"
+            ) from None
         except OSError as err:
             raise UserError(f"cannot lock {self.folder} ({err.strerror}): is it writable?") from err
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -19,8 +19,9 @@ import http.client
 import math
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -195,12 +196,14 @@ def _load_state_dict_file(net: nn.Module, path: Path, name: str) -> None:
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state_dict")
     if all(key.startswith("net.") for key in state):
-        state = {key[len("net."):]: value for key, value in state.items()}
+        state = {key[len("net.") :]: value for key, value in state.items()}
     own = net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable]
     if len(missing) > 0.2 * len(own):
-        raise UserError(f"weights file {path} does not fit {name}: {len(missing)} of {len(own)} tensors missing or of another shape")
+        raise UserError(
+            f"weights file {path} does not fit {name}: {len(missing)} of {len(own)} tensors missing or of another shape"
+        )
     net.load_state_dict(usable, strict=False)
 
 
@@ -313,10 +316,12 @@ def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
     except RuntimeError as err:
         head = state.get(f"net.{get_backbone(model.backbone).head}.weight")
         if head is not None and head.shape[0] != len(classes):
-            raise UserError(f"{path} is damaged: its class list has {len(classes)} names but its head "
-                            f"{head.shape[0]} outputs") from None
-        raise UserError(f"{path} is damaged: its weights do not fit {model.backbone} "
-                        f"({str(err).splitlines()[0][:160]})") from None
+            raise UserError(
+                f"{path} is damaged: its class list has {len(classes)} names but its head {head.shape[0]} outputs"
+            ) from None
+        raise UserError(
+            f"{path} is damaged: its weights do not fit {model.backbone} ({str(err).splitlines()[0][:160]})"
+        ) from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, meta
@@ -341,7 +346,9 @@ def fetch_weights(names: str | Sequence[str], random_init_hint: str = "--set wei
         if is_weights_cached(name):
             continue
         try:
-            tv_models.get_model_weights(backbone.torchvision_name).DEFAULT.get_state_dict(progress=True, check_hash=True)
+            tv_models.get_model_weights(backbone.torchvision_name).DEFAULT.get_state_dict(
+                progress=True, check_hash=True
+            )
         except (OSError, http.client.HTTPException, RuntimeError) as err:
             failed.append(name)
             reason = reason or (str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__)
@@ -358,8 +365,13 @@ def models_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="supported backbones, native input sizes, and whether weights are cached")
     fetch = sub.add_parser("fetch", help="download ImageNet weights into the torch cache (for offline use later)")
-    fetch.add_argument("backbones", nargs="+", metavar="BACKBONE", choices=list(BACKBONES),
-                       help=f"one or more of: {', '.join(BACKBONES)}")
+    fetch.add_argument(
+        "backbones",
+        nargs="+",
+        metavar="BACKBONE",
+        choices=list(BACKBONES),
+        help=f"one or more of: {', '.join(BACKBONES)}",
+    )
     return parser
 
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from tune_inat.cli import command_parser, run_command
 from tune_inat.data.batches import center_crop
 from tune_inat.data.decode import decode_image, stored_size_for
 from tune_inat.data.folders import sniff_image_format
-from tune_inat.cli import command_parser, run_command
 from tune_inat.engine import resolve_device
 from tune_inat.errors import EXIT_USER_ERROR, UserError
 from tune_inat.models import FineTuneModel, load_model_file
@@ -32,7 +32,9 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and sniff_image_format(p))
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and sniff_image_format(p)
+            )
         elif path.exists():
             files.append(path)
         else:
@@ -56,8 +58,13 @@ def classify(model: FineTuneModel, squares: np.ndarray, image_size: int, device:
 def predict_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m tune_inat.predict", "Classify images with an exported tune-inat model.")
     parser.add_argument("model", type=Path, metavar="MODEL", help="a model file written by final or train (model.pt)")
-    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched "
-                        "for images (by content)")
+    parser.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files, or folders searched for images (by content)",
+    )
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image, most probable first")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
@@ -76,13 +83,17 @@ def predict(args: argparse.Namespace) -> int:
             decoded.append(decode_image(path, stored))
             readable.append(path)
         except Exception as err:  # one line per unreadable image, the others still classified
-            failures.append(f"error: cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            failures.append(
+                f"error: cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            )
     results = []
     if decoded:
         probabilities = classify(model, np.stack(decoded), image_size, resolve_device(args.device))
         for path, probs in zip(readable, probabilities):
             top = np.argsort(-probs)[: args.top_k]
-            results.append({"file": str(path), "predictions": [{"label": classes[i], "probability": float(probs[i])} for i in top]})
+            results.append(
+                {"file": str(path), "predictions": [{"label": classes[i], "probability": float(probs[i])} for i in top]}
+            )
     if args.json:
         print(json.dumps(results, indent=2))
     else:

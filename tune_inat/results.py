@@ -21,10 +21,11 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -112,7 +113,9 @@ def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), absolute_location(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
         reason = str(err).splitlines()[0]
-        raise UserError(f"cannot use {uri}: {reason} (is the filesystem for this URI installed and reachable?)") from err
+        raise UserError(
+            f"cannot use {uri}: {reason} (is the filesystem for this URI installed and reachable?)"
+        ) from err
 
 
 def check_writable(location: str, what: str) -> None:
@@ -260,7 +263,8 @@ def read_results(folder: str) -> SearchResults:
     finished = finished.sort_values("ended_at").drop_duplicates("trial_id", keep="last")
     unfinished = [
         unfinished_trial_row(rows.to_dict("records"), metric, mode)
-        for trial_id, rows in epochs.groupby("trial_id", sort=True) if trial_id not in set(finished["trial_id"])
+        for trial_id, rows in epochs.groupby("trial_id", sort=True)
+        if trial_id not in set(finished["trial_id"])
     ]
     trials = finished
     if unfinished:
@@ -314,8 +318,9 @@ def rank_trials(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
     the order (and the winner) never depends on the order rows were written. Trials without a
     score come last.
     """
-    ranked = trials.assign(_unscored=trials["best_score"].isna(),
-                           _score=trials["best_score"] if mode == "min" else -trials["best_score"])
+    ranked = trials.assign(
+        _unscored=trials["best_score"].isna(), _score=trials["best_score"] if mode == "min" else -trials["best_score"]
+    )
     ranked = ranked.sort_values(["_unscored", "_score", "best_epoch", "trial_id"], na_position="last", kind="stable")
     return ranked.drop(columns=["_unscored", "_score"]).reset_index(drop=True)
 
@@ -330,8 +335,15 @@ def best_trial(trials: pd.DataFrame, mode: str, completed_only: bool = False) ->
 def leaderboard(trials: pd.DataFrame, columns: Iterable[str], mode: str = "max", top: int = 10) -> pd.DataFrame:
     """The best `top` trials, with the searched settings."""
     ranked = rank_trials(trials, mode)
-    shown = ["trial_id", *[c for c in columns if c in ranked.columns], "best_score", "best_val_acc", "epochs_run",
-             "max_epochs", "status"]
+    shown = [
+        "trial_id",
+        *[c for c in columns if c in ranked.columns],
+        "best_score",
+        "best_val_acc",
+        "epochs_run",
+        "max_epochs",
+        "status",
+    ]
     return ranked[shown].head(top).reset_index(drop=True)
 
 
@@ -363,8 +375,10 @@ def name_scores(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 def format_leaderboard(board: pd.DataFrame, metric: str = "val_acc") -> str:
     """A plain-text table: accuracies in %, floats short, epochs as run/max."""
     table = name_scores(board, metric)
-    table["epochs"] = [f"{int(r)}/{int(m)}" if pd.notna(r) and pd.notna(m) else "-"
-                       for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))]
+    table["epochs"] = [
+        f"{int(r)}/{int(m)}" if pd.notna(r) and pd.notna(m) else "-"
+        for r, m in zip(table.pop("epochs_run"), table.pop("max_epochs"))
+    ]
     for column in table.columns:
         table[column] = [format_value(v, column) for v in table[column]]
     table.index = range(1, len(table) + 1)

@@ -19,9 +19,10 @@ import pickle
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow.fs as pafs
 import yaml
@@ -31,12 +32,33 @@ from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
 from tune_inat.errors import EXIT_INTERRUPTED, EXIT_SEARCH_FAILED, UserError
 from tune_inat.lock import SearchLock
 from tune_inat.results import (
-    BEST_CONFIG_FILE, EPOCHS_FILE, SEARCH_RECORD_FILE, TRIALS_FILE, absolute_location, best_trial, check_writable,
-    file_exists, format_leaderboard, is_local, leaderboard, read_results, read_search_record, resolve_folder,
-    write_search_record, write_text,
+    BEST_CONFIG_FILE,
+    EPOCHS_FILE,
+    SEARCH_RECORD_FILE,
+    TRIALS_FILE,
+    absolute_location,
+    best_trial,
+    check_writable,
+    file_exists,
+    format_leaderboard,
+    is_local,
+    leaderboard,
+    read_results,
+    read_search_record,
+    resolve_folder,
+    write_search_record,
+    write_text,
 )
 from tune_inat.settings import settings_of_row, settings_yaml
-from tune_inat.space import SearchSpec, differences, load_space, parse_duration, spec_from_dict, with_fixed, with_overrides
+from tune_inat.space import (
+    SearchSpec,
+    differences,
+    load_space,
+    parse_duration,
+    spec_from_dict,
+    with_fixed,
+    with_overrides,
+)
 from tune_inat.strategies import SCHEDULERS, SEARCHERS
 
 log = logging.getLogger(__name__)
@@ -74,8 +96,9 @@ class SearchPlace:
 
     def holds_a_search(self) -> bool:
         """Anything a search leaves: its record, a table, Ray's state."""
-        return any(self.has(self.results, n) for n in (SEARCH_RECORD_FILE, EPOCHS_FILE, TRIALS_FILE)) \
-            or self.has(self.experiment, TUNER_FILE)
+        return any(self.has(self.results, n) for n in (SEARCH_RECORD_FILE, EPOCHS_FILE, TRIALS_FILE)) or self.has(
+            self.experiment, TUNER_FILE
+        )
 
     def lock(self) -> SearchLock | None:
         """A lock on the first local folder of the two; None when both are object storage."""
@@ -95,14 +118,19 @@ class Claim:
 
     def __enter__(self) -> Claim:
         if self._lock is None:
-            log.warning("warning: %s cannot be locked (object storage): make sure no other search uses the name %s",
-                        self.place.results, self.place.name)
+            log.warning(
+                "warning: %s cannot be locked (object storage): make sure no other search uses the name %s",
+                self.place.results,
+                self.place.name,
+            )
         else:
             self._lock.acquire()
         if not self.resume and self.place.holds_a_search():
             self.__exit__(None, None, None)
-            raise UserError(f"{self.place.results} already holds a search named {self.place.name}; continue it with "
-                            f"--resume --name {self.place.name}, or start a new one with another --name")
+            raise UserError(
+                f"{self.place.results} already holds a search named {self.place.name}; continue it with "
+                f"--resume --name {self.place.name}, or start a new one with another --name"
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -123,8 +151,9 @@ def newest_search(stem: str, results_root: str) -> str:
     """The most recent search of a space in a local results folder (for --resume without --name)."""
     if not is_local(results_root):
         raise UserError("--resume with a remote --results needs --name")
-    candidates = sorted(Path(absolute_location(results_root)).glob(f"{stem}-*/{SEARCH_RECORD_FILE}"),
-                        key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        Path(absolute_location(results_root)).glob(f"{stem}-*/{SEARCH_RECORD_FILE}"), key=lambda p: p.stat().st_mtime
+    )
     if not candidates:
         raise UserError(f"nothing to resume: no {stem}-* search in {results_root} (pass --name NAME)")
     return candidates[-1].parent.name
@@ -165,7 +194,9 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool =
     )
     if fits == 0:
         raise UserError(f"no node has {cpus:g} CPUs and {gpus:g} GPUs free for one trial")
-    max_concurrent = options.max_concurrent_trials or max(1, fits if spec.expands_grid else min(fits, options.num_samples))
+    max_concurrent = options.max_concurrent_trials or max(
+        1, fits if spec.expands_grid else min(fits, options.num_samples)
+    )
     return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
 
 
@@ -192,16 +223,24 @@ def prepare_data(spec: SearchSpec, data_config: DataConfig) -> dict[int, TrainVa
 def search_record(spec: SearchSpec, data_config: DataConfig, place: SearchPlace) -> dict[str, Any]:
     """search.json: the search itself, so that --resume, analyze and final read the same search back."""
     return {
-        "name": place.name, "space": spec.source, "metric": spec.metric, "mode": spec.mode,
-        "searched": spec.searched(), "seed": spec.options.seed, "experiment_path": place.experiment,
-        "data_root": str(data_config.root), "cache_dir": str(data_config.cache_dir),
-        "val_fraction": data_config.val_fraction, "test_fraction": data_config.test_fraction,
-        "split_seed": data_config.split_seed, "spec": spec.to_dict(),
+        "name": place.name,
+        "space": spec.source,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "searched": spec.searched(),
+        "seed": spec.options.seed,
+        "experiment_path": place.experiment,
+        "data_root": str(data_config.root),
+        "cache_dir": str(data_config.cache_dir),
+        "val_fraction": data_config.val_fraction,
+        "test_fraction": data_config.test_fraction,
+        "split_seed": data_config.split_seed,
+        "spec": spec.to_dict(),
     }
 
 
 def trial_name(trial: Any) -> str:
-    """Short trial names and folders, "trial_<number>_<id>" ("trial_003_1a2b3c4d"), instead of Tune's config-laden ones."""
+    """Short trial names and folders, "trial_<number>_<id>" ("trial_003_1a2b3c4d"), not Tune's config-laden ones."""
     number = trial.experiment_tag.split("_", 1)[0]
     return f"trial_{int(number):03d}_{trial.trial_id}" if number.isdigit() else f"trial_{trial.trial_id}"
 
@@ -249,8 +288,15 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
     return space
 
 
-def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources: TrialResources, *,
-                wandb_project: str | None, verbose: int) -> Any:
+def build_tuner(
+    spec: SearchSpec,
+    trainable: Any,
+    place: SearchPlace,
+    resources: TrialResources,
+    *,
+    wandb_project: str | None,
+    verbose: int,
+) -> Any:
     """A new Tuner: the space's searcher and scheduler, Parquet (+ wandb) callbacks, a checkpoint per epoch."""
     from ray import tune
 
@@ -288,8 +334,12 @@ def build_tuner(spec: SearchSpec, trainable: Any, place: SearchPlace, resources:
             failure_config=tune.FailureConfig(max_failures=spec.options.max_failures),
             verbose=verbose,
             progress_reporter=StatusReporter(  # used with RAY_AIR_NEW_OUTPUT=0, which the CLI sets
-                spec.metric, spec.mode, spec.searched(), spec.max_epochs,
-                1 if searcher.expands_grid else spec.options.num_samples, resources.max_concurrent,
+                spec.metric,
+                spec.mode,
+                spec.searched(),
+                spec.max_epochs,
+                1 if searcher.expands_grid else spec.options.num_samples,
+                resources.max_concurrent,
             ),
         ),
     )
@@ -300,12 +350,15 @@ def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:
     from ray import tune
 
     try:
-        return tune.Tuner.restore(place.experiment, trainable, resume_unfinished=True, resume_errored=False,
-                                  param_space=param_space(spec))
+        return tune.Tuner.restore(
+            place.experiment, trainable, resume_unfinished=True, resume_errored=False, param_space=param_space(spec)
+        )
     except Exception as err:  # Ray raises many kinds for a damaged experiment folder
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot resume {place.name}: Ray's experiment state in {place.experiment} is damaged "
-                        f"({reason}); its results stay in {place.results}; start a new search with another --name") from None
+        raise UserError(
+            f"cannot resume {place.name}: Ray's experiment state in {place.experiment} is damaged "
+            f"({reason}); its results stay in {place.results}; start a new search with another --name"
+        ) from None
 
 
 RAY_STATE_FILES = {"experiment_state-": ".json", "search_gen_state-": ".json", "searcher-state-": ".pkl"}
@@ -342,11 +395,15 @@ def set_aside_broken_ray_state(place: SearchPlace) -> None:
     sessions: dict[str, list[Path]] = {}
     for prefix, suffix in RAY_STATE_FILES.items():
         for path in folder.glob(f"{prefix}*{suffix}"):
-            sessions.setdefault(path.name[len(prefix):-len(suffix)], []).append(path)
+            sessions.setdefault(path.name[len(prefix) : -len(suffix)], []).append(path)
     for session, paths in sessions.items():
         if not all(_readable(path) for path in paths):
-            log.warning("warning: Ray's saved state of session %s in %s is damaged (a write that failed?); set aside, "
-                        "resuming from the state before it", session, folder)
+            log.warning(
+                "warning: Ray's saved state of session %s in %s is damaged (a write that failed?); set aside, "
+                "resuming from the state before it",
+                session,
+                folder,
+            )
             for path in paths:
                 path.rename(path.with_name(f".damaged-{path.name}"))
 
@@ -380,12 +437,29 @@ def run_search(
     """Claim the name, run (or resume) the search on the already-initialised Ray, complete its results."""
     place = SearchPlace.of(results_root, name, storage_root)
     with Claim(place, resume):
-        return execute(spec, data_config, data_by_size, place, resume=resume, wandb_project=wandb_project,
-                       verbose=verbose, before_epoch=before_epoch)
+        return execute(
+            spec,
+            data_config,
+            data_by_size,
+            place,
+            resume=resume,
+            wandb_project=wandb_project,
+            verbose=verbose,
+            before_epoch=before_epoch,
+        )
 
 
-def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, TrainValData], place: SearchPlace, *,
-            resume: bool, wandb_project: str | None, verbose: int, before_epoch: Any = None) -> SearchOutcome:
+def execute(
+    spec: SearchSpec,
+    data_config: DataConfig,
+    data_by_size: dict[int, TrainValData],
+    place: SearchPlace,
+    *,
+    resume: bool,
+    wandb_project: str | None,
+    verbose: int,
+    before_epoch: Any = None,
+) -> SearchOutcome:
     """Run or resume the search (its name already claimed); then make the tables hold everything Ray recorded."""
     import ray
     from ray import tune
@@ -396,10 +470,15 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     resources = plan_resources(spec, nodes)
     if len(nodes) > 1 and is_local(place.experiment):
-        log.warning("warning: %d nodes share this search: %s must be a folder every node mounts (NFS), "
-                    "or pass --storage-path s3://... / gs://...", len(nodes), place.experiment)
-    context = TrialContext(data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs,
-                           before_epoch=before_epoch)
+        log.warning(
+            "warning: %d nodes share this search: %s must be a folder every node mounts (NFS), "
+            "or pass --storage-path s3://... / gs://...",
+            len(nodes),
+            place.experiment,
+        )
+    context = TrialContext(
+        data_by_size=data_by_size, data_config=data_config, max_epochs=spec.max_epochs, before_epoch=before_epoch
+    )
     trainable = tune.with_resources(
         tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
     )
@@ -416,8 +495,12 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
     except (EOFError, pickle.UnpicklingError) as err:
         # Ray builds its ResultGrid by unpickling each failed trial's error.pkl after the run; one left empty by a
         # failed write (a full disk) raises here although the run ended and its state was saved.
-        log.warning("warning: Ray could not read back a trial's error file (%s: %s); the results below come from "
-                    "the saved experiment state", type(err).__name__, err)
+        log.warning(
+            "warning: Ray could not read back a trial's error file (%s: %s); the results below come from "
+            "the saved experiment state",
+            type(err).__name__,
+            err,
+        )
         grid = None
     finally:
         logging.getLogger("ray.tune").removeHandler(state_failures)
@@ -429,8 +512,15 @@ def execute(spec: SearchSpec, data_config: DataConfig, data_by_size: dict[int, T
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     if not spec.expands_grid and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
-    return SearchOutcome(place, grid, unfinished, results.pending,
-                         unwritten_message(results) if results.pending else "", state_failures.reason, folder_lost)
+    return SearchOutcome(
+        place,
+        grid,
+        unfinished,
+        results.pending,
+        unwritten_message(results) if results.pending else "",
+        state_failures.reason,
+        folder_lost,
+    )
 
 
 # -- after the search ------------------------------------------------------------------------------
@@ -443,8 +533,10 @@ def write_best_config(place: SearchPlace, mode: str) -> str | None:
     if best is None:
         return None
     settings = settings_of_row(best, f"trial {best['trial_id']}")
-    header = (f"best of search {place.name}: trial {best['trial_id']}, {results.metric} {best['best_score']:.4g} "
-              f"(val_acc {100 * best['best_val_acc']:.1f}%) at epoch {int(best['best_epoch'])}")
+    header = (
+        f"best of search {place.name}: trial {best['trial_id']}, {results.metric} {best['best_score']:.4g} "
+        f"(val_acc {100 * best['best_val_acc']:.1f}%) at epoch {int(best['best_epoch'])}"
+    )
     filesystem, path = resolve_folder(place.results)
     write_text(filesystem, f"{path}/{BEST_CONFIG_FILE}", settings_yaml(settings, header))
     return f"{place.results}/{BEST_CONFIG_FILE}"
@@ -457,17 +549,23 @@ def summary(place: SearchPlace, data_root: Path, best_config: str | None) -> str
     if trials.empty:
         return "no trial finished an epoch"
     board = leaderboard(trials, results.record.get("searched", []), results.mode)
-    lines = [f"Leaderboard: top {len(board)} of {len(trials)} trials by {results.metric}",
-             format_leaderboard(board, results.metric)]
+    lines = [
+        f"Leaderboard: top {len(board)} of {len(trials)} trials by {results.metric}",
+        format_leaderboard(board, results.metric),
+    ]
     stopped = int((trials["status"] == "stopped_early").sum())
     errors = int((trials["status"] == "error").sum())
     budget = int(trials["max_epochs"].fillna(0).sum())
-    lines.append(f"{stopped} of {len(trials)} trials stopped early; {len(results.epochs)} of {budget} trial-epochs run"
-                 + (f"; {errors} trials failed (see the error column of trials.parquet)" if errors else ""))
+    lines.append(
+        f"{stopped} of {len(trials)} trials stopped early; {len(results.epochs)} of {budget} trial-epochs run"
+        + (f"; {errors} trials failed (see the error column of trials.parquet)" if errors else "")
+    )
     best = best_trial(trials, results.mode)
     if best is not None:
-        lines.append(f"Best: trial {best['trial_id']} ({best['backbone']}), val_acc {100 * best['best_val_acc']:.1f}% "
-                     f"at epoch {int(best['best_epoch'])}")
+        lines.append(
+            f"Best: trial {best['trial_id']} ({best['backbone']}), val_acc {100 * best['best_val_acc']:.1f}% "
+            f"at epoch {int(best['best_epoch'])}"
+        )
     lines.append("Written:")
     filesystem, path = resolve_folder(place.results)
     for name, what in ((TRIALS_FILE, "one row per trial"), (EPOCHS_FILE, "one row per trial and epoch")):
@@ -488,8 +586,10 @@ def failure(place: SearchPlace) -> str | None:
     if len(trials) and (trials["status"] == "error").all():
         first = trials["error"].dropna()
         reason = f" (first: {first.iloc[0]})" if len(first) else ""
-        return (f"all {len(trials)} trials of {place.name} failed{reason}; see the error column of "
-                f"{place.results}/{TRIALS_FILE}, fix the cause and start a new search")
+        return (
+            f"all {len(trials)} trials of {place.name} failed{reason}; see the error column of "
+            f"{place.results}/{TRIALS_FILE}, fix the cause and start a new search"
+        )
     return None
 
 
@@ -539,18 +639,24 @@ def connect_ray(address: str | None, dashboard: bool, worker_logs: bool, verbose
 
     level = logging.INFO if verbose else logging.ERROR  # Ray's own warnings (token auth, ...) only when verbose
     if address is None:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=level, log_to_driver=worker_logs)
+        ray.init(
+            include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=level, log_to_driver=worker_logs
+        )
         return
     if address.startswith(("http://", "https://")):
-        raise UserError(f"--address takes the cluster address HOST:PORT (GCS, port 6379 by default), not the "
-                        f"dashboard URL {address}; that one is for `ray job submit --address`")
+        raise UserError(
+            f"--address takes the cluster address HOST:PORT (GCS, port 6379 by default), not the "
+            f"dashboard URL {address}; that one is for `ray job submit --address`"
+        )
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot reach a Ray cluster at {address} ({getattr(err, 'strerror', None) or err}); "
-                            f"start one with `ray start --head` or check the address") from None
+            raise UserError(
+                f"cannot reach a Ray cluster at {address} ({getattr(err, 'strerror', None) or err}); "
+                f"start one with `ray start --head` or check the address"
+            ) from None
     try:
         ray.init(address=address, logging_level=level, log_to_driver=worker_logs)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -561,55 +667,121 @@ def connect_ray(address: str | None, dashboard: bool, worker_logs: bool, verbose
 
 
 def search_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m tune_inat.search",
-                            "Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE).")
+    parser = command_parser(
+        "python -m tune_inat.search", "Search fine-tuning recipes with Ray Tune (ASHA early stopping, Optuna TPE)."
+    )
     add_data_arguments(parser, required=False)
     search = parser.add_argument_group("the search")
-    search.add_argument("--space", default=None, metavar="FILE|NAME",
-                        help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo "
-                             "(default: default; demo with --demo; on --resume the saved one)")
-    search.add_argument("--name", default=None, help="search name (default <space>-<date>-<time>); --resume without it "
-                        "takes the newest of the space")
+    search.add_argument(
+        "--space",
+        default=None,
+        metavar="FILE|NAME",
+        help="search space YAML (W&B sweep format) or a shipped name: default, quick, seed_sweep, demo "
+        "(default: default; demo with --demo; on --resume the saved one)",
+    )
+    search.add_argument(
+        "--name",
+        default=None,
+        help="search name (default <space>-<date>-<time>); --resume without it takes the newest of the space",
+    )
     search.add_argument("--results", default="results", help="results folder or URI")
-    search.add_argument("--storage-path", default=None, metavar="PATH|URI", help="where Ray keeps experiment state and "
-                        "checkpoints (default: the results folder); NFS path or s3:// / gs://")
-    search.add_argument("--resume", action="store_true", help="continue an interrupted search, with its saved space and "
-                        "settings (Tuner.restore)")
-    search.add_argument("--clean-checkpoints", action="store_true", help="when the search has finished, delete every "
-                        "checkpoint but the best one (also: python -m tune_inat.clean RESULTS_DIR)")
+    search.add_argument(
+        "--storage-path",
+        default=None,
+        metavar="PATH|URI",
+        help="where Ray keeps experiment state and "
+        "checkpoints (default: the results folder); NFS path or s3:// / gs://",
+    )
+    search.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted search, with its saved space and settings (Tuner.restore)",
+    )
+    search.add_argument(
+        "--clean-checkpoints",
+        action="store_true",
+        help="when the search has finished, delete every "
+        "checkpoint but the best one (also: python -m tune_inat.clean RESULTS_DIR)",
+    )
     options = parser.add_argument_group("search options (override the space file's tune_inat: block)")
     options.add_argument("--num-samples", type=int, default=None, help="number of trials (W&B run_cap)")
-    options.add_argument("--max-epochs", type=int, default=None, help="cap on every trial's epochs; the scheduler's max_t")
-    options.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
-                         help="; ".join(f"{s.name}: {s.help}" for s in SCHEDULERS.values()) + " (default: the space's, else asha)")
+    options.add_argument(
+        "--max-epochs", type=int, default=None, help="cap on every trial's epochs; the scheduler's max_t"
+    )
+    options.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        default=None,
+        help="; ".join(f"{s.name}: {s.help}" for s in SCHEDULERS.values()) + " (default: the space's, else asha)",
+    )
     options.add_argument("--grace-period", type=int, default=None, help="asha: epochs before a trial can be stopped")
-    options.add_argument("--reduction-factor", type=float, default=None, help="asha: keep 1/this of the trials at each rung")
-    options.add_argument("--searcher", choices=list(SEARCHERS), default=None,
-                         help="; ".join(f"{s.name}: {s.help}" for s in SEARCHERS.values()) + " (default: from the space's method)")
-    options.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial, e.g. 0.25: four trials "
-                         "per GPU (default 0.25 where there are GPUs)")
-    options.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs each trial reserves (default 2 with "
-                         "GPUs, 1 without; a GPU share alone reserves none)")
-    options.add_argument("--max-concurrent-trials", type=int, default=None, help="trials running at once (default: as "
-                         "many as the resources fit)")
-    options.add_argument("--time-budget", default=None, help="stop launching and end the search after this long, e.g. 2h, 90m")
+    options.add_argument(
+        "--reduction-factor", type=float, default=None, help="asha: keep 1/this of the trials at each rung"
+    )
+    options.add_argument(
+        "--searcher",
+        choices=list(SEARCHERS),
+        default=None,
+        help="; ".join(f"{s.name}: {s.help}" for s in SEARCHERS.values()) + " (default: from the space's method)",
+    )
+    options.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPU share per trial, e.g. 0.25: four trials per GPU (default 0.25 where there are GPUs)",
+    )
+    options.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="CPUs each trial reserves (default 2 with GPUs, 1 without; a GPU share alone reserves none)",
+    )
+    options.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="trials running at once (default: as many as the resources fit)",
+    )
+    options.add_argument(
+        "--time-budget", default=None, help="stop launching and end the search after this long, e.g. 2h, 90m"
+    )
     options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials; default 0)")
-    options.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=None,
-                         help="take every searcher and scheduler decision in trial order, so the same seed, space and "
-                              "resources give the same trials, stops and winner (slower: trials wait at rungs); "
-                              "default: the space's (the demo space: on)")
-    options.add_argument("--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)")
-    options.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a setting for every trial, "
-                         "replacing the space's entry (repeatable), e.g. --set weights=none")
-    options.add_argument("--compile", action="store_true", help="torch.compile each trial's network (same as --set compile=true)")
+    options.add_argument(
+        "--reproducible",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="take every searcher and scheduler decision in trial order, so the same seed, space and "
+        "resources give the same trials, stops and winner (slower: trials wait at rungs); "
+        "default: the space's (the demo space: on)",
+    )
+    options.add_argument(
+        "--max-failures", type=int, default=None, help="retries of a failed trial from its last checkpoint (default 1)"
+    )
+    options.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix a setting for every trial, replacing the space's entry (repeatable), e.g. --set weights=none",
+    )
+    options.add_argument(
+        "--compile", action="store_true", help="torch.compile each trial's network (same as --set compile=true)"
+    )
     tracking = parser.add_argument_group("wandb")
     tracking.add_argument("--no-wandb", action="store_true", help="do not log to wandb")
     tracking.add_argument("--wandb-project", default="tune-inat", help="wandb project")
     cluster = parser.add_argument_group("Ray")
-    cluster.add_argument("--address", default=None, help="join an existing Ray cluster: auto, or HOST:PORT (default: start a local one)")
-    cluster.add_argument("--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)")
-    cluster.add_argument("--worker-logs", action="store_true", help="show the trials' own log lines (hidden by default: "
-                         "errors are in the status table and trials.parquet)")
+    cluster.add_argument(
+        "--address", default=None, help="join an existing Ray cluster: auto, or HOST:PORT (default: start a local one)"
+    )
+    cluster.add_argument(
+        "--dashboard", action="store_true", help="start Ray's dashboard for a local cluster (on 127.0.0.1)"
+    )
+    cluster.add_argument(
+        "--worker-logs",
+        action="store_true",
+        help="show the trials' own log lines (hidden by default: errors are in the status table and trials.parquet)",
+    )
     return parser
 
 
@@ -629,8 +801,16 @@ def build_spec(args: argparse.Namespace, base: SearchSpec | None = None) -> Sear
     fixed = parse_assignments(args.set)
     if args.compile:
         fixed["compile"] = True
-    spec = base if base is not None and args.space is None else load_space(args.space or ("demo" if args.demo else "default"))
-    rungs = {k: v for k, v in (("grace_period", args.grace_period), ("reduction_factor", args.reduction_factor)) if v is not None}
+    spec = (
+        base
+        if base is not None and args.space is None
+        else load_space(args.space or ("demo" if args.demo else "default"))
+    )
+    rungs = {
+        k: v
+        for k, v in (("grace_period", args.grace_period), ("reduction_factor", args.reduction_factor))
+        if v is not None
+    }
     return with_overrides(
         with_fixed(spec, fixed),
         scheduler_options=rungs,
@@ -656,16 +836,24 @@ def resumed_plan(args: argparse.Namespace, place: SearchPlace) -> tuple[SearchSp
     saved = spec_from_dict(record.get("spec"), f"{place.results}/{SEARCH_RECORD_FILE}")
     changes = differences(saved, build_spec(args, base=saved))
     if changes:
-        raise UserError(f"--resume continues search {place.name} as it was started; the command line changes "
-                        f"{'; '.join(changes[:3])}. Resume without those flags, or start a new search with another --name")
-    data_config = DataConfig(root=Path(record["data_root"]), cache_dir=Path(record["cache_dir"]),
-                             val_fraction=record["val_fraction"], test_fraction=record["test_fraction"],
-                             split_seed=record["split_seed"])
+        raise UserError(
+            f"--resume continues search {place.name} as it was started; the command line changes "
+            f"{'; '.join(changes[:3])}. Resume without those flags, or start a new search with another --name"
+        )
+    data_config = DataConfig(
+        root=Path(record["data_root"]),
+        cache_dir=Path(record["cache_dir"]),
+        val_fraction=record["val_fraction"],
+        test_fraction=record["test_fraction"],
+        split_seed=record["split_seed"],
+    )
     if args.data or args.demo or args.cache_dir:
         given = data_config_from_args(args, saved.options.val_fraction, saved.options.split_seed)
         if given.root != data_config.root:
-            raise UserError(f"--resume continues search {place.name} on {data_config.root}, not {given.root}; "
-                            f"resume without --data, or start a new search with another --name")
+            raise UserError(
+                f"--resume continues search {place.name} on {data_config.root}, not {given.root}; "
+                f"resume without --data, or start a new search with another --name"
+            )
         data_config = replace(data_config, cache_dir=given.cache_dir)
     return saved, data_config
 
@@ -730,17 +918,22 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         resume = args.resume
         if resume:
             if not place.has(place.results, SEARCH_RECORD_FILE):
-                raise UserError(f"nothing to resume: {place.results} holds no search (it stopped before writing "
-                                f"{SEARCH_RECORD_FILE}); start it afresh: the same command without --resume")
+                raise UserError(
+                    f"nothing to resume: {place.results} holds no search (it stopped before writing "
+                    f"{SEARCH_RECORD_FILE}); start it afresh: the same command without --resume"
+                )
             spec, data_config = resumed_plan(args, place)
             set_aside_broken_ray_state(place)
             if not place.restorable():
                 if place.has(place.results, EPOCHS_FILE) and len(read_results(place.results).epochs):
-                    raise UserError(f"cannot resume {name}: Ray saved no experiment state in {place.experiment} "
-                                    f"before the search stopped; its results stay in {place.results}; start a new "
-                                    f"search with another --name")
-                log.info("search %s stopped before Ray saved its state and before any epoch ended: starting it afresh",
-                         name)
+                    raise UserError(
+                        f"cannot resume {name}: Ray saved no experiment state in {place.experiment} "
+                        f"before the search stopped; its results stay in {place.results}; start a new "
+                        f"search with another --name"
+                    )
+                log.info(
+                    "search %s stopped before Ray saved its state and before any epoch ended: starting it afresh", name
+                )
                 resume = False
         else:
             data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
@@ -758,11 +951,21 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         quiet_ray_console(args.verbose or args.debug)  # ray.init may have set up its handler anew
         start = time.monotonic()
         try:
-            outcome = execute(spec, data_config, data_by_size, place, resume=resume, verbose=0 if args.quiet else 1,
-                              wandb_project=args.wandb_project if wandb_mode else None, before_epoch=before_epoch)
+            outcome = execute(
+                spec,
+                data_config,
+                data_by_size,
+                place,
+                resume=resume,
+                verbose=0 if args.quiet else 1,
+                wandb_project=args.wandb_project if wandb_mode else None,
+                before_epoch=before_epoch,
+            )
         except KeyboardInterrupt:
-            print(f"\ninterrupted; results so far are in {place.results}\nresume with: {resume_command(argv, name)}",
-                  file=sys.stderr)
+            print(
+                f"\ninterrupted; results so far are in {place.results}\nresume with: {resume_command(argv, name)}",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
         finally:
             ray.shutdown()
@@ -770,18 +973,26 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: {outcome.unwritten_message}", file=sys.stderr)
         return EXIT_SEARCH_FAILED
     if outcome.folder_lost:
-        print(f"error: the results folder {place.results} was deleted while the search ran; every row this run saw "
-              f"is written there again, but Ray's state in it is lost: start a new search to run the rest",
-              file=sys.stderr)
+        print(
+            f"error: the results folder {place.results} was deleted while the search ran; every row this run saw "
+            f"is written there again, but Ray's state in it is lost: start a new search to run the rest",
+            file=sys.stderr,
+        )
         return EXIT_SEARCH_FAILED
     if outcome.state_not_saved:
-        print(f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "
-              f"free space there, then continue with: {resume_command(argv, name)}", file=sys.stderr)
+        print(
+            f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "
+            f"free space there, then continue with: {resume_command(argv, name)}",
+            file=sys.stderr,
+        )
         return EXIT_SEARCH_FAILED
     budget_spent = spec.options.time_budget_s and time.monotonic() - start >= spec.options.time_budget_s
     if outcome.unfinished and not budget_spent:
-        print(f"\ninterrupted with {outcome.unfinished} trials unfinished; results so far are in {place.results}\n"
-              f"resume with: {resume_command(argv, name)}", file=sys.stderr)
+        print(
+            f"\ninterrupted with {outcome.unfinished} trials unfinished; results so far are in {place.results}\n"
+            f"resume with: {resume_command(argv, name)}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     failed = failure(place)
     if failed:
@@ -789,7 +1000,9 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_SEARCH_FAILED
     print(summary(place, data_config.root, write_best_config(place, spec.mode)))
     if wandb_mode == "offline":
-        print(f"  wandb runs saved offline; upload them with: wandb sync {place.experiment}/trial_*/wandb/offline-run-*")
+        print(
+            f"  wandb runs saved offline; upload them with: wandb sync {place.experiment}/trial_*/wandb/offline-run-*"
+        )
     if args.clean_checkpoints:
         from tune_inat.clean import clean_checkpoints
 

@@ -40,7 +40,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self._lag is not None:
             due = max(0, len(self._asked) - self._lag)  # trials that must be told before this one is asked
-            if any(earlier not in self._held for earlier in self._asked[self._told:due]):
+            if any(earlier not in self._held for earlier in self._asked[self._told : due]):
                 return None  # an earlier trial is still running: ask again later
             while self._told < due:
                 earlier = self._asked[self._told]
@@ -52,7 +52,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if self._lag is not None and trial_id in self._asked[self._told:]:
+        if self._lag is not None and trial_id in self._asked[self._told :]:
             self._held[trial_id] = (result, error)
             return
         self._tell(trial_id, result, error)
@@ -96,5 +96,6 @@ def optuna_searcher(spec: SearchSpec, space: dict[str, Any], max_concurrent: int
         )
     distributions = OptunaSearch.convert_search_space(space)  # Optuna's own form: no conversion warning
     lag = max_concurrent - 1 if spec.options.reproducible else None
-    return PruningAwareOptunaSearch(space=distributions, metric=spec.metric, mode=spec.mode, sampler=sampler,
-                                    in_order_lag=lag)
+    return PruningAwareOptunaSearch(
+        space=distributions, metric=spec.metric, mode=spec.mode, sampler=sampler, in_order_lag=lag
+    )

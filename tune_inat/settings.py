@@ -7,9 +7,10 @@ neither torch nor Ray, so validating a space file or reading results stays light
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -57,8 +58,11 @@ class TrainConfig:
         image_size = self.image_size or get_backbone(self.backbone).native_size
         check_image_size(self.backbone, image_size)
         checks = [
-            (self.weights in ("imagenet", "none") or Path(self.weights).expanduser().is_file(),
-             "weights", "'imagenet', 'none' or the path of a state_dict file"),
+            (
+                self.weights in ("imagenet", "none") or Path(self.weights).expanduser().is_file(),
+                "weights",
+                "'imagenet', 'none' or the path of a state_dict file",
+            ),
             (0.0 <= self.freeze_fraction <= 1.0, "freeze_fraction", "a number in [0, 1]"),
             (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
             (self.lr > 0, "lr", "a positive number"),
@@ -71,8 +75,11 @@ class TrainConfig:
             (self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0"),
             (0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", "a number in (0, 1]"),
             (0.0 <= self.color_jitter < 1.0, "color_jitter", "a number in [0, 1)"),
-            (self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
-             "grad_accum_steps", "an integer >= 1 that divides batch_size"),
+            (
+                self.grad_accum_steps >= 1 and self.batch_size % self.grad_accum_steps == 0,
+                "grad_accum_steps",
+                "an integer >= 1 that divides batch_size",
+            ),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -88,7 +95,8 @@ class TrainConfig:
 
 
 FIELD_TYPES: dict[str, type] = {
-    f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type] for f in fields(TrainConfig)
+    f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type]
+    for f in fields(TrainConfig)
 }
 SETTING_NAMES = tuple(FIELD_TYPES)
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -180,8 +188,10 @@ def settings_yaml(config: TrainConfig, header: str = "") -> str:
 def read_settings_text(text: str, source: str) -> dict[str, Any]:
     """Settings from a YAML text; a file this program wrote whose end marker is missing is cut short."""
     if text.startswith("# best of search") and not text.rstrip().endswith(SETTINGS_FILE_END):
-        raise UserError(f"{source}: cut short (a search wrote it, but its last lines are missing); "
-                        f"write it again from the search's trials.parquet or with python -m tune_inat.analyze")
+        raise UserError(
+            f"{source}: cut short (a search wrote it, but its last lines are missing); "
+            f"write it again from the search's trials.parquet or with python -m tune_inat.analyze"
+        )
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -24,14 +24,40 @@ from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searc
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 METHODS = {"bayes": "optuna", "random": "random", "grid": "grid"}
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
-METRIC_ALIASES = {"val_accuracy": "val_acc", "validation_accuracy": "val_acc", "accuracy": "val_acc",
-                  "val_acc_epoch": "val_acc", "validation_loss": "val_loss", "train_accuracy": "train_acc"}
+METRIC_ALIASES = {
+    "val_accuracy": "val_acc",
+    "validation_accuracy": "val_acc",
+    "accuracy": "val_acc",
+    "val_acc_epoch": "val_acc",
+    "validation_loss": "val_loss",
+    "train_accuracy": "train_acc",
+}
 GOALS = {"maximize": "max", "minimize": "min", "max": "max", "min": "min"}
-DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform", "log_uniform",
-                 "log_uniform_values", "q_log_uniform_values")
+DISTRIBUTIONS = (
+    "constant",
+    "categorical",
+    "uniform",
+    "int_uniform",
+    "q_uniform",
+    "log_uniform",
+    "log_uniform_values",
+    "q_log_uniform_values",
+)
 # W&B keys we read; the others W&B knows (program, command, ...) are accepted and ignored.
-SWEEP_KEYS = {"method", "metric", "parameters", "early_terminate", "run_cap", "name", "description",
-              "program", "command", "project", "entity", "tune_inat"}
+SWEEP_KEYS = {
+    "method",
+    "metric",
+    "parameters",
+    "early_terminate",
+    "run_cap",
+    "name",
+    "description",
+    "program",
+    "command",
+    "project",
+    "entity",
+    "tune_inat",
+}
 PARAMETER_KEYS = {"value", "values", "distribution", "min", "max", "q", "probabilities"}
 
 
@@ -103,9 +129,13 @@ class SearchSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, written into search.json; `spec_from_dict` reads it back."""
         return {
-            "source": self.source, "metric": self.metric, "mode": self.mode,
-            "parameters": {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()}
-                           for name, p in self.parameters.items()},
+            "source": self.source,
+            "metric": self.metric,
+            "mode": self.mode,
+            "parameters": {
+                name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()}
+                for name, p in self.parameters.items()
+            },
             "options": asdict(self.options),
         }
 
@@ -146,6 +176,15 @@ def spec_from_dict(raw: Any, source: str) -> SearchSpec:
         raise UserError(f"{source}: the saved search space is damaged ({type(err).__name__}: {err})") from None
 
 
+def _describe(parameter: Parameter | None) -> str:
+    if parameter is None:
+        return "default"
+    if parameter.is_fixed:
+        return repr(parameter.values[0])
+    span = f" {list(parameter.values)}" if parameter.values else f" [{parameter.low:g}, {parameter.high:g}]"
+    return parameter.distribution + span
+
+
 def differences(saved: SearchSpec, given: SearchSpec) -> list[str]:
     """What `given` changes against `saved`, one phrase each ("metric val_acc -> val_loss"); [] when the same search."""
     changes = []
@@ -155,9 +194,7 @@ def differences(saved: SearchSpec, given: SearchSpec) -> list[str]:
     for name in sorted(set(saved.parameters) | set(given.parameters)):
         a, b = saved.parameters.get(name), given.parameters.get(name)
         if a != b:
-            describe = (lambda p: "default" if p is None else (repr(p.values[0]) if p.is_fixed else p.distribution
-                        + (f" {list(p.values)}" if p.values else f" [{p.low:g}, {p.high:g}]")))
-            changes.append(f"parameters.{name} {describe(a)} -> {describe(b)}")
+            changes.append(f"parameters.{name} {_describe(a)} -> {_describe(b)}")
     for option in fields(SearchOptions):
         a, b = getattr(saved.options, option.name), getattr(given.options, option.name)
         if a != b:
@@ -204,7 +241,9 @@ def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
         else:
             raise _fail(source, where, "give value, values, or min and max (with a distribution)")
     if distribution not in DISTRIBUTIONS:
-        raise _fail(source, where, f"distribution {distribution!r} is not supported; use one of {', '.join(DISTRIBUTIONS)}")
+        raise _fail(
+            source, where, f"distribution {distribution!r} is not supported; use one of {', '.join(DISTRIBUTIONS)}"
+        )
 
     def coerce(value: Any) -> Any:
         return coerce_setting(name, value, f"{source}: {where}")
@@ -230,7 +269,9 @@ def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
         low, high = float(raw["min"]), float(raw["max"])
         q = float(raw["q"]) if "q" in raw else (1.0 if distribution.startswith("q_") else None)
     except (TypeError, ValueError):
-        raise _fail(source, where, f"min, max and q must be numbers, got {raw.get('min')!r}, {raw.get('max')!r}") from None
+        raise _fail(
+            source, where, f"min, max and q must be numbers, got {raw.get('min')!r}, {raw.get('max')!r}"
+        ) from None
     if distribution == "log_uniform":  # W&B: min and max are exponents of e
         low, high = math.exp(low), math.exp(high)
         distribution = "log_uniform_values"
@@ -253,7 +294,9 @@ def _check_values(spec: SearchSpec) -> None:
             continue
         for value in parameter.candidates():
             try:
-                TrainConfig.from_dict({**base, "backbone": spec.values_of("backbone")[0], "image_size": None, name: value})
+                TrainConfig.from_dict(
+                    {**base, "backbone": spec.values_of("backbone")[0], "image_size": None, name: value}
+                )
             except UserError as err:
                 raise _fail(spec.source, f"parameters.{name}", str(err)) from None
     for backbone, size in itertools.product(spec.values_of("backbone"), spec.values_of("image_size")):
@@ -276,7 +319,9 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
     early = sweep.get("early_terminate")
     if early is not None:
         if not isinstance(early, dict) or early.get("type") != "hyperband":
-            raise _fail(source, "early_terminate", "only {type: hyperband, min_iter, eta} is supported (it maps to ASHA)")
+            raise _fail(
+                source, "early_terminate", "only {type: hyperband, min_iter, eta} is supported (it maps to ASHA)"
+            )
         unknown = sorted(set(early) - {"type", "min_iter", "eta", "max_iter", "s", "strict"})
         if unknown:
             raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}")
@@ -302,13 +347,18 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
     known = {f.name for f in fields(SearchOptions)}
     unknown = sorted(set(flat) - known)
     if unknown:
-        raise _fail(source, "tune_inat", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known | {'time_budget'}))}")
+        raise _fail(
+            source,
+            "tune_inat",
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known | {'time_budget'}))}",
+        )
     values.update(flat)
     return check_options(SearchOptions(**{k: v for k, v in values.items()}), source)
 
 
 def check_options(options: SearchOptions, source: str) -> SearchOptions:
     """Type and range checks of the options (after the file and after command-line overrides)."""
+
     def number(key: str, value: Any, kind: type, low: float, low_open: bool = False) -> Any:
         if value is None:
             return None
@@ -317,7 +367,11 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
             ok = float(value).is_integer()
         if not ok or value < low or (low_open and value == low):
             bound = f"> {low}" if low_open else f">= {low}"
-            raise _fail(source, f"tune_inat.{key}", f"must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}")
+            raise _fail(
+                source,
+                f"tune_inat.{key}",
+                f"must be {'an integer' if kind is int else 'a number'} {bound}, got {value!r}",
+            )
         return kind(value)
 
     checked = {
@@ -337,13 +391,18 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
         raise _fail(source, "tune_inat.searcher", f"{options.searcher!r} is not one of {', '.join(SEARCHERS)}")
     if not isinstance(options.scheduler_options, dict):
         raise _fail(source, "tune_inat.scheduler", f"options must be a mapping, got {options.scheduler_options!r}")
-    checked["scheduler_options"] = scheduler_options(options.scheduler, options.scheduler_options,
-                                                     f"{source}: tune_inat.scheduler")
+    checked["scheduler_options"] = scheduler_options(
+        options.scheduler, options.scheduler_options, f"{source}: tune_inat.scheduler"
+    )
     if not isinstance(options.reproducible, bool):
         raise _fail(source, "tune_inat.reproducible", f"must be true or false, got {options.reproducible!r}")
     if options.reproducible and not SCHEDULERS[options.scheduler].reproducible:
-        raise _fail(source, "tune_inat.reproducible", f"scheduler {options.scheduler} cannot decide in trial order; "
-                    f"use {', '.join(n for n, e in SCHEDULERS.items() if e.reproducible)}, or reproducible: false")
+        raise _fail(
+            source,
+            "tune_inat.reproducible",
+            f"scheduler {options.scheduler} cannot decide in trial order; "
+            f"use {', '.join(n for n, e in SCHEDULERS.items() if e.reproducible)}, or reproducible: false",
+        )
     if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
         raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
     gpus = checked["gpus_per_trial"]
@@ -355,10 +414,14 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
 def parse_space(raw: Any, source: str) -> SearchSpec:
     """A W&B sweep mapping -> a validated SearchSpec."""
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: expected a W&B sweep mapping (method, metric, parameters), got {type(raw).__name__}")
+        raise UserError(
+            f"{source}: expected a W&B sweep mapping (method, metric, parameters), got {type(raw).__name__}"
+        )
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
-        raise UserError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+        raise UserError(
+            f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SWEEP_KEYS))}"
+        )
     metric_raw = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
     if not isinstance(metric_raw, dict) or set(metric_raw) - {"name", "goal", "target"}:
         raise _fail(source, "metric", "expected {name: val_acc, goal: maximize}")
@@ -390,12 +453,20 @@ def check_searcher_fits(spec: SearchSpec) -> None:
     if entry.needs_values:
         ranged = [name for name, p in spec.parameters.items() if not p.values]
         if ranged:
-            raise _fail(spec.source, f"parameters.{ranged[0]}", f"{spec.searcher} search needs value or values, not a distribution")
+            raise _fail(
+                spec.source,
+                f"parameters.{ranged[0]}",
+                f"{spec.searcher} search needs value or values, not a distribution",
+            )
     if entry.expands_grid and not any(p.distribution == "categorical" for p in spec.parameters.values()):
         raise _fail(spec.source, "parameters", f"{spec.searcher} search needs at least one parameter with values")
     if entry.schedulers and spec.options.scheduler not in entry.schedulers:
-        raise _fail(spec.source, "tune_inat.scheduler", f"searcher {spec.searcher} works only with scheduler "
-                    f"{' or '.join(entry.schedulers)}, not {spec.options.scheduler}")
+        raise _fail(
+            spec.source,
+            "tune_inat.scheduler",
+            f"searcher {spec.searcher} works only with scheduler "
+            f"{' or '.join(entry.schedulers)}, not {spec.options.scheduler}",
+        )
 
 
 def resolve_space_path(name_or_path: str | Path) -> Path:
@@ -419,7 +490,10 @@ def with_overrides(spec: SearchSpec, scheduler_options: dict[str, Any] | None = 
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     same_scheduler = given.get("scheduler", spec.options.scheduler) == spec.options.scheduler
-    given["scheduler_options"] = {**(spec.options.scheduler_options if same_scheduler else {}), **(scheduler_options or {})}
+    given["scheduler_options"] = {
+        **(spec.options.scheduler_options if same_scheduler else {}),
+        **(scheduler_options or {}),
+    }
     options = check_options(replace(spec.options, **given), "command line")
     spec = replace(spec, options=options)
     check_searcher_fits(spec)

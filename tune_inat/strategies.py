@@ -9,8 +9,9 @@ plus its test. Importing this module loads no Ray: the builders import it when t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tune_inat.errors import UserError
 
@@ -46,7 +47,9 @@ class Searcher:
 
     name: str
     help: str
-    build: Callable[[SearchSpec, dict[str, Any], int], Any]  # (spec, Ray Tune space of searched settings, trials at once)
+    build: Callable[
+        [SearchSpec, dict[str, Any], int], Any
+    ]  # (spec, Ray Tune space of searched settings, trials at once)
     expands_grid: bool = False  # runs every combination of the listed values once (no num_samples)
     needs_values: bool = False  # takes only value/values, no distributions
     schedulers: tuple[str, ...] = ()  # the schedulers it works with; empty: any
@@ -97,8 +100,10 @@ def scheduler_options(name: str, given: dict[str, Any], source: str) -> dict[str
     if unknown:
         allowed = ", ".join(entry.options) or "none"
         raise UserError(f"{source}: scheduler {name} takes no option {', '.join(unknown)} (its options: {allowed})")
-    return {key: check_option(name, key, option, given.get(key, option.default), source)
-            for key, option in entry.options.items()}
+    return {
+        key: check_option(name, key, option, given.get(key, option.default), source)
+        for key, option in entry.options.items()
+    }
 
 
 # -- schedulers ---------------------------------------------------------------------------------
@@ -116,8 +121,12 @@ def _build_asha(spec: SearchSpec) -> Any:
     from tune_inat.schedulers import OrderedASHA
 
     options = spec.options.scheduler_options
-    rungs = dict(time_attr="epoch", max_t=spec.max_epochs, grace_period=min(options["grace_period"], spec.max_epochs),
-                 reduction_factor=options["reduction_factor"])
+    rungs = dict(
+        time_attr="epoch",
+        max_t=spec.max_epochs,
+        grace_period=min(options["grace_period"], spec.max_epochs),
+        reduction_factor=options["reduction_factor"],
+    )
     return OrderedASHA(**rungs) if spec.options.reproducible else ASHAScheduler(**rungs)
 
 
@@ -127,10 +136,15 @@ RUNG_OPTIONS = {
 }
 
 register_scheduler(Scheduler("fifo", "every trial runs all its epochs", _build_fifo))
-register_scheduler(Scheduler(
-    "asha", "asynchronous successive halving: a trial continues at a rung if it is in the top 1/reduction_factor "
-    "of the trials that reached it so far", _build_asha, dict(RUNG_OPTIONS),
-))
+register_scheduler(
+    Scheduler(
+        "asha",
+        "asynchronous successive halving: a trial continues at a rung if it is in the top 1/reduction_factor "
+        "of the trials that reached it so far",
+        _build_asha,
+        dict(RUNG_OPTIONS),
+    )
+)
 
 
 # -- searchers ----------------------------------------------------------------------------------
@@ -148,8 +162,12 @@ def _build_variants(spec: SearchSpec, space: dict[str, Any], max_concurrent: int
     return BasicVariantGenerator(random_state=spec.options.seed)
 
 
-register_searcher(Searcher("optuna", "Optuna TPE (multivariate, seeded); early-stopped trials told as pruned",
-                           _build_optuna))
+register_searcher(
+    Searcher("optuna", "Optuna TPE (multivariate, seeded); early-stopped trials told as pruned", _build_optuna)
+)
 register_searcher(Searcher("random", "random sampling (seeded), as W&B's method: random", _build_variants))
-register_searcher(Searcher("grid", "every combination of the listed values, once", _build_variants,
-                           expands_grid=True, needs_values=True))
+register_searcher(
+    Searcher(
+        "grid", "every combination of the listed values, once", _build_variants, expands_grid=True, needs_values=True
+    )
+)

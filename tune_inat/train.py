@@ -11,9 +11,10 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -68,12 +69,18 @@ SETTING_HELP = {
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = command_parser("python -m tune_inat.train",
-                            "One fine-tuning run (no search): prints a line per epoch and saves the final model.")
+    parser = command_parser(
+        "python -m tune_inat.train",
+        "One fine-tuning run (no search): prints a line per epoch and saves the final model.",
+    )
     add_data_arguments(parser)
-    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML of settings, e.g. a search's best_config.yaml")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="YAML of settings, e.g. a search's best_config.yaml"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    parser.add_argument("--output", type=Path, metavar="FILE", help="model file (default results/train-<backbone>-<time>/model.pt)")
+    parser.add_argument(
+        "--output", type=Path, metavar="FILE", help="model file (default results/train-<backbone>-<time>/model.pt)"
+    )
     settings = parser.add_argument_group("settings (flags override the config file, which overrides the defaults)")
     defaults = TrainConfig()
     for field in fields(TrainConfig):
@@ -136,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.weights == "imagenet":
             fetch_weights(config.backbone, random_init_hint="--weights none")  # fail fast, before decoding any image
         data = prepare_train_val(data_config_from_args(args), config.image_size)
-        output = args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
+        output = (
+            args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
+        )
         run(config, data, args.device, output)
         return 0
 

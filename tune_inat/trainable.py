@@ -22,9 +22,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from ray import tune
@@ -131,8 +132,12 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state, history = load_checkpoint(Path(folder), checkpoint.path)
-    facts = {"max_epochs": settings.epochs, "gpu_share": gpu_share, "cpus": cpus,
-             "started_at": history[0].get("started_at", started_at) if history else started_at}
+    facts = {
+        "max_epochs": settings.epochs,
+        "gpu_share": gpu_share,
+        "cpus": cpus,
+        "started_at": history[0].get("started_at", started_at) if history else started_at,
+    }
     if history and "startup_seconds" in history[0]:
         facts["startup_seconds"] = history[0]["startup_seconds"]
     checkpoints = EpochCheckpoints()
@@ -152,16 +157,27 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         checkpoints.discard()
 
 
-def train_and_report(settings: TrainConfig, context: TrialContext, device: torch.device, state: dict | None,
-                     history: list[dict[str, Any]], checkpoints: EpochCheckpoints, facts: dict[str, Any],
-                     trial_dir: Path, start: float) -> None:
+def train_and_report(
+    settings: TrainConfig,
+    context: TrialContext,
+    device: torch.device,
+    state: dict | None,
+    history: list[dict[str, Any]],
+    checkpoints: EpochCheckpoints,
+    facts: dict[str, Any],
+    trial_dir: Path,
+    start: float,
+) -> None:
     """Build the run (restoring `state`), then train, report and checkpoint each remaining epoch."""
     fine_tuning = FineTuning(settings, context.data_for(settings.image_size), device)
     if state is not None:
         fine_tuning.load_state_dict(state)
     facts.setdefault("startup_seconds", time.perf_counter() - start)  # the first start only
-    constant = {**facts, "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
-                "micro_batch_size": settings.batch_size // settings.grad_accum_steps}
+    constant = {
+        **facts,
+        "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
+        "micro_batch_size": settings.batch_size // settings.grad_accum_steps,
+    }
     try:
         while not fine_tuning.done:
             if context.before_epoch is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,16 +31,22 @@ def data_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a dataset folder and build its image cache; print a summary")
     check.add_argument("dir", type=Path, metavar="DIR", help="a dataset root (train/ and val/, or class folders)")
     check.add_argument("--image-size", type=int, default=224, help="resolution the cache is built for (default 224)")
-    check.add_argument("--cache-dir", type=Path, default=None, help="where decoded images are cached "
-                       "(default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)")
+    check.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where decoded images are cached (default: $TUNE_INAT_CACHE or ~/.cache/tune_inat)",
+    )
     return parser
 
 
 def data_command(args: argparse.Namespace) -> int:
     if args.command == "make-demo":
         root = make_demo(args.dir, args.train_per_class, args.test_per_class, args.seed)
-        print(f"demo dataset written to {root} (train/ and val/, 10 classes)\n"
-              f"search it with: python -m tune_inat.search --data {root} --space demo")
+        print(
+            f"demo dataset written to {root} (train/ and val/, 10 classes)\n"
+            f"search it with: python -m tune_inat.search --data {root} --space demo"
+        )
     elif args.command == "download":
         root = download_dataset(args.dir, args.url, keep_zip=args.keep_zip)
         print(f"dataset ready under {root}")
@@ -51,9 +57,11 @@ def data_command(args: argparse.Namespace) -> int:
         counts = np.bincount(data.labels[np.concatenate([data.train_rows, data.val_rows])], minlength=len(data.classes))
         test_counts = np.bincount(test.cache.labels[test.rows], minlength=len(test.classes))
         skipped = len(data.cache.skipped) + len(test.cache.skipped)
-        print(f"{len(data.classes)} classes, {len(data.train_rows)} train + {len(data.val_rows)} validation + "
-              f"{len(test.rows)} test images ({skipped} unreadable skipped); caches {data.cache.directory} "
-              f"and {test.cache.directory}")
+        print(
+            f"{len(data.classes)} classes, {len(data.train_rows)} train + {len(data.val_rows)} validation + "
+            f"{len(test.rows)} test images ({skipped} unreadable skipped); caches {data.cache.directory} "
+            f"and {test.cache.directory}"
+        )
         for name, count, held in zip(data.classes, counts, test_counts):
             print(f"  {name}: {count} train/validation, {held} test")
     return 0

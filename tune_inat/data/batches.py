@@ -21,9 +21,9 @@ import queue
 import threading
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 # The cache is memory-mapped read-only and crops are only read; torch warns about any read-only
 # array. Silenced for this module only, with a filter (catch_warnings is not thread-safe).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
-                        module=__name__)
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=__name__
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,10 +103,14 @@ def crop_resize_grid(batch: torch.Tensor, crops: Crops, image_size: int) -> torc
     zero = torch.zeros(len(sign), dtype=torch.float64)
     theta = torch.stack([torch.stack([width * sign, zero, center_x], 1), torch.stack([zero, height, center_y], 1)], 1)
     grid = F.affine_grid(theta.float().to(batch.device), [len(sign), 3, image_size, image_size], align_corners=False)
-    return F.grid_sample(batch.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(
+        batch.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
-def crop_resize_each(squares: Sequence[np.ndarray] | torch.Tensor, crops: Crops, image_size: int, normalize: bool) -> torch.Tensor:
+def crop_resize_each(
+    squares: Sequence[np.ndarray] | torch.Tensor, crops: Crops, image_size: int, normalize: bool
+) -> torch.Tensor:
     """(S, S, 3) uint8 squares -> float (B, 3, size, size), each crop resized in uint8, flipped, then converted.
 
     Made for the CPU: PyTorch's vectorised uint8 bilinear kernel (antialiased, like PIL), and each
@@ -117,9 +122,12 @@ def crop_resize_each(squares: Sequence[np.ndarray] | torch.Tensor, crops: Crops,
     out_array = out.numpy()
     scale, shift = _normalisation() if normalize else (np.float32(1), np.float32(0))
     for i in range(len(out)):
-        t, l, h, w = int(crops.top[i]), int(crops.left[i]), int(crops.height[i]), int(crops.width[i])
-        region = torch.as_tensor(squares[i][t : t + h, l : l + w]).permute(2, 0, 1)[None]  # read in place, channels-last
-        resized = F.interpolate(region, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        top, left, height, width = int(crops.top[i]), int(crops.left[i]), int(crops.height[i]), int(crops.width[i])
+        region = torch.as_tensor(squares[i][top : top + height, left : left + width])
+        region = region.permute(2, 0, 1)[None]  # read in place, channels-last
+        resized = F.interpolate(
+            region, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
         pixels = (resized[0].flip(-1) if crops.flip[i] else resized[0]).numpy()  # flipped in uint8: 4x less to move
         np.multiply(pixels, scale, out=out_array[i], dtype=np.float32)
         np.subtract(out_array[i], shift, out=out_array[i])
@@ -232,8 +240,10 @@ class DeviceBatches(BatchOrder):
             crops = sample_crops(len(batch_rows), side, self.augmentation, generator) if self.augmenting else None
             plan.append((batch_rows, crops))
         if self.device.type == "cuda":
-            batches = (self._finish(host.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), crops)
-                       for host, labels, crops in _prefetched(map(self._gather, plan), self.prefetch))
+            batches = (
+                self._finish(host.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), crops)
+                for host, labels, crops in _prefetched(map(self._gather, plan), self.prefetch)
+            )
         else:
             batches = _ordered_in_threads(self._cpu_batch, plan, self.cpu_workers)
         yield from batches
@@ -252,7 +262,9 @@ class DeviceBatches(BatchOrder):
         np.take(self.images, batch_rows, axis=0, out=host.numpy())
         return host, torch.from_numpy(self.labels[batch_rows]), crops
 
-    def _finish(self, images: torch.Tensor, labels: torch.Tensor, crops: Crops | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish(
+        self, images: torch.Tensor, labels: torch.Tensor, crops: Crops | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images = augment(images, crops, self.image_size) if crops is not None else center_crop(images, self.image_size)
         return self._finish_layout(images), labels
 

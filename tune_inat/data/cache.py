@@ -72,7 +72,11 @@ class ImageCache:
     def is_present(self) -> bool:
         """The entry's files are there with the size its metadata records (a cheap check, for trials)."""
         path = self.directory / IMAGES_FILE
-        return (self.directory / META_FILE).is_file() and path.is_file() and path.stat().st_size >= len(self.files) * 3 * self.stored_size ** 2
+        return (
+            (self.directory / META_FILE).is_file()
+            and path.is_file()
+            and path.stat().st_size >= len(self.files) * 3 * self.stored_size**2
+        )
 
 
 def cache_key(files: FileList, stored_size: int) -> str:
@@ -124,8 +128,10 @@ def _check_images(directory: Path, meta: dict) -> None:
     except (OSError, ValueError) as err:
         raise DamagedCache(f"{IMAGES_FILE} is unreadable ({str(err).splitlines()[0][:80]})") from None
     if images.shape != shape or images.dtype != np.uint8 or (directory / IMAGES_FILE).stat().st_size != meta["bytes"]:
-        raise DamagedCache(f"{IMAGES_FILE} holds {images.shape} in {(directory / IMAGES_FILE).stat().st_size} bytes, "
-                           f"not the recorded {shape} in {meta['bytes']}")
+        raise DamagedCache(
+            f"{IMAGES_FILE} holds {images.shape} in {(directory / IMAGES_FILE).stat().st_size} bytes, "
+            f"not the recorded {shape} in {meta['bytes']}"
+        )
     for row, digest in zip(meta["sampled_rows"], meta["sampled_digests"]):
         if _row_digest(images, row) != digest:
             raise DamagedCache(f"row {row} of {IMAGES_FILE} changed since it was written")
@@ -171,7 +177,9 @@ def build_or_load_cache(
         log.info("another process is building the image cache %s; waiting for it", final)
         lock.acquire()
     except OSError as err:
-        raise UserError(f"cache folder {cache_dir} is not writable ({err.strerror}); pass another with --cache-dir") from err
+        raise UserError(
+            f"cache folder {cache_dir} is not writable ({err.strerror}); pass another with --cache-dir"
+        ) from err
     try:
         if final.exists():  # built by another process while we waited, or damaged
             try:
@@ -218,8 +226,9 @@ def _decode_all(files: FileList, stored_size: int, folder: Path, workers: int, p
     (folder / META_FILE).write_text(json.dumps(meta))
 
 
-def _decode_into(path: Path, files: FileList, stored_size: int, workers: int,
-                 progress: bool) -> tuple[list[str | None], list[int], list[str]]:
+def _decode_into(
+    path: Path, files: FileList, stored_size: int, workers: int, progress: bool
+) -> tuple[list[str | None], list[int], list[str]]:
     """Fill a new (N, S, S, 3) array at `path`; (reason each unreadable row failed, sampled rows, their digests)."""
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), stored_size, stored_size, 3))
     _reserve_disk_space(path)

@@ -50,10 +50,13 @@ def _pattern(label: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generator)
         value = np.maximum(np.cos(freq * x + phase), np.cos(freq * y + phase)) > 0.8
         value = value * 2.0 - 1
     else:  # smooth blobs: a few random low-frequency waves
-        value = sum(
-            np.sin(rng.uniform(1, 2.5) * math.pi * (x * np.cos(t) + y * np.sin(t)) + rng.uniform(0, 6.3))
-            for t in rng.uniform(0, math.pi, 3)
-        ) / 1.5
+        value = (
+            sum(
+                np.sin(rng.uniform(1, 2.5) * math.pi * (x * np.cos(t) + y * np.sin(t)) + rng.uniform(0, 6.3))
+                for t in rng.uniform(0, math.pi, 3)
+            )
+            / 1.5
+        )
     return np.clip((value + 1) / 2, 0, 1)
 
 

@@ -66,10 +66,18 @@ def fetch(url: str, target: Path, progress: bool = True) -> None:
             offset = 0  # the server ignored the Range: start over
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=f"downloading {target.name}",
-            disable=not progress, mininterval=1.0,
-        ) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=f"downloading {target.name}",
+                disable=not progress,
+                mininterval=1.0,
+            ) as bar,
+        ):
             try:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)

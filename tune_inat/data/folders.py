@@ -152,8 +152,11 @@ def scan_class_folders(folder: Path) -> FileList:
             empty.append(class_dir.name)
     if empty:
         shown = ", ".join(repr(name) for name in empty[:5])
-        raise UserError(f"class folder {shown} in {folder} has no images" if len(empty) == 1
-                        else f"{len(empty)} class folders in {folder} have no images: {shown}")
+        raise UserError(
+            f"class folder {shown} in {folder} has no images"
+            if len(empty) == 1
+            else f"{len(empty)} class folders in {folder} have no images: {shown}"
+        )
     if ignored:
         log.info("ignored %d files in %s that are not images", ignored, folder)
     return FileList(
@@ -206,7 +209,10 @@ def discover(root: Path, test_fraction: float = 0.2, split_seed: int = 0) -> tup
         test = scan_class_folders(layout.test_dir)
         check_same_classes(pool, test)
         return pool, test
-    log.info("no val/ or test/ folder beside %s: holding out %.0f%% of it as the test set",
-             layout.train_dir, 100 * test_fraction)
+    log.info(
+        "no val/ or test/ folder beside %s: holding out %.0f%% of it as the test set",
+        layout.train_dir,
+        100 * test_fraction,
+    )
     keep, held = stratified_split(pool.labels, test_fraction, split_seed)
     return pool.subset(keep), pool.subset(held)
