@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--images", type=int, default=60, help="demo images per class")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--freeze", type=float, nargs="+", default=list(FREEZE), help="freeze fractions to measure")
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile on the first backbone, f = 0"
     )
@@ -132,7 +133,7 @@ def main() -> None:
     rows = []
     for backbone in args.backbones:
         weights = "imagenet" if is_weights_cached(backbone) else "none"
-        for freeze in FREEZE:
+        for freeze in args.freeze:
             settings = TrainConfig(
                 backbone=backbone,
                 weights=weights,

@@ -45,14 +45,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class MixedPrecision:
-    """bf16 autocast on CUDA (fp16 + grad scaling where bf16 is missing); fp32 on CPU."""
+    """bf16 autocast on CUDA (fp16 + grad scaling where bf16 is missing, or when `half` asks); fp32 on CPU."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, half: torch.dtype | None = None) -> None:
         self.device = device
         self.dtype: torch.dtype | None = None
         self.scaler: torch.amp.GradScaler | None = None
         if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.dtype = half or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
             if self.dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler("cuda")
 
