@@ -77,6 +77,7 @@ def test_predict_agrees_with_the_final_evaluation(final_run, demo_root: Path) ->
     result = run_cli("tune_inat.predict", str(folder / "final" / "model.pt"), *paths, "--json", "--top-k", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     answers = json.loads(result.stdout)
+    assert "ms per image" in result.stderr and "the model alone" in result.stderr
     assert [a["predictions"][0]["label"] for a in answers] == right["true"].tolist()
     assert all(
         len(a["predictions"]) == 2 and a["predictions"][0]["probability"] >= a["predictions"][1]["probability"]

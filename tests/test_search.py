@@ -67,6 +67,17 @@ def test_seed_sweep_runs_as_a_twelve_trial_grid(ray_cluster, demo_root: Path, tm
     assert (trials["epochs_run"] == 1).all() and (trials["status"] == "completed").all()
 
 
+def test_random_search_samples_the_space(ray_cluster, demo_root: Path, tmp_path: Path) -> None:
+    spec = with_fixed(load_space("demo"), {"image_size": 32})
+    spec = with_overrides(spec, searcher="random", num_samples=3, max_epochs=1, scheduler="fifo", reproducible=False)
+    data_config = DataConfig(demo_root, tmp_path / "cache", progress=False)
+    grid = run_search(spec, data_config, prepare_data(spec, data_config), str(tmp_path), "random", verbose=0).grid
+    configs = [r.config for r in grid]
+    assert len(configs) == 3 and not grid.errors
+    assert all({"backbone", "freeze_fraction", "lr", "batch_size"} <= set(c) for c in configs)
+    assert len({c["lr"] for c in configs}) == 3  # sampled, not the defaults
+
+
 def test_fractional_gpus_are_reserved_as_asked(ray_cluster, demo_root: Path, tmp_path: Path) -> None:
     spec = with_fixed(load_space("demo"), {"backbone": "resnet18", "image_size": 32})
     spec = with_overrides(spec, num_samples=2, max_epochs=1, gpus_per_trial=0.25, cpus_per_trial=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -39,7 +40,9 @@ PLOTS = {
     "parallel_coordinates": "parallel_coordinates.png",
     "accuracy_vs_lr": "accuracy_vs_lr.png",
     "accuracy_vs_freeze": "accuracy_vs_freeze_fraction.png",
+    "pareto": "pareto_front.png",
 }
+COSTS = {"cpu_latency_ms_b1": "CPU latency, batch 1 (ms)", "total_parameters": "parameters"}
 
 
 @dataclass
@@ -319,7 +322,85 @@ def write_plots(search: Search) -> dict[str, Path]:
     plot_parallel_coordinates(search, paths["parallel_coordinates"])
     plot_accuracy_against(search, "lr", paths["accuracy_vs_lr"])
     plot_accuracy_against(search, "freeze_fraction", paths["accuracy_vs_freeze"])
+    if not plot_pareto(search, paths["pareto"]):
+        del paths["pareto"]
     return paths
+
+
+# -- cost: the Pareto front of accuracy against latency and size ------------------------------------
+
+
+def pareto_front(trials: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """Trials no other trial beats on both best validation accuracy and `cost` (lower is better), cheapest first."""
+    scored = trials.dropna(subset=["best_val_acc", cost]).sort_values([cost, "best_val_acc"], ascending=[True, False])
+    front, best = [], -np.inf
+    for index, row in scored.iterrows():
+        if row["best_val_acc"] > best:
+            front.append(index)
+            best = row["best_val_acc"]
+    return scored.loc[front]
+
+
+def best_under_budgets(trials: pd.DataFrame, cost: str = "cpu_latency_ms_b1") -> pd.DataFrame:
+    """For latency budgets the data suggests (the front's own latencies, rounded): the best trial within each."""
+    front = pareto_front(trials, cost)
+    budgets = sorted({_round_up(value) for value in front[cost]})
+    rows = []
+    for budget in sorted(set(budgets)):
+        within = trials[trials[cost] <= budget].dropna(subset=["best_val_acc"])
+        if within.empty:
+            continue
+        best = within.loc[within["best_val_acc"].idxmax()]
+        rows.append(
+            {
+                "budget_ms": budget,
+                "trial_id": best["trial_id"],
+                "backbone": best["backbone"],
+                "image_size": best["image_size"],
+                "best_val_acc": best["best_val_acc"],
+                cost: best[cost],
+                "total_parameters": best["total_parameters"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _round_up(value: float) -> float:
+    """Up to two significant digits: 12.34 -> 13, 0.0123 -> 0.013."""
+    scale = 10 ** (math.floor(math.log10(value)) - 1) if value > 0 else 1
+    return round(math.ceil(value / scale) * scale, 12)
+
+
+def plot_pareto(search: Search, path: Path) -> bool:
+    """Best validation accuracy against CPU latency and against parameters, the front highlighted (False: no costs)."""
+    trials = search.trials.dropna(subset=["best_val_acc"])
+    if trials.empty or trials[list(COSTS)].isna().all().any():
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, (cost, label) in zip(axes, COSTS.items()):
+        front = pareto_front(trials, cost)
+        ax.scatter(trials[cost], 100 * trials["best_val_acc"], s=30, color="tab:gray", alpha=0.5, label="trials")
+        ax.plot(
+            front[cost], 100 * front["best_val_acc"], color="tab:orange", marker="o", linewidth=2, label="Pareto front"
+        )
+        for _, row in front.iterrows():
+            ax.annotate(
+                f"{row['backbone']} {int(row['image_size'])}px",
+                (row[cost], 100 * row["best_val_acc"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.set_ylabel("best validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{search.name}: accuracy against what the model costs ({trials['latency_cpu'].dropna().iloc[0]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_comparison(searches: list[Search], path: Path) -> None:
@@ -378,7 +459,7 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
     per_backbone = name_scores(best_per_backbone(search), search.metric)
     scores, note = importance(search)
     importance_frame = scores.rename_axis("setting").reset_index() if scores is not None else None
-    return [
+    sections = [
         ("Leaderboard", text_table(board), markdown_table(board)),
         ("Best per backbone", text_table(per_backbone), markdown_table(per_backbone)),
         ("Compute", saved_text, saved_text),
@@ -388,6 +469,21 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
             (markdown_table(importance_frame) + "\n\n" if importance_frame is not None else "") + f"_{note}_",
         ),
     ]
+    if search.trials[list(COSTS)].notna().any().all():
+        columns = [
+            "trial_id",
+            "backbone",
+            "image_size",
+            "best_val_acc",
+            "cpu_latency_ms_b1",
+            "total_parameters",
+            "forward_gflop",
+        ]
+        front = pareto_front(search.trials, "cpu_latency_ms_b1")[columns].reset_index(drop=True)
+        budgets = best_under_budgets(search.trials)
+        sections.append(("Accuracy against latency (the Pareto front)", text_table(front), markdown_table(front)))
+        sections.append(("Best trial under each CPU latency budget", text_table(budgets), markdown_table(budgets)))
+    return sections
 
 
 def write_report(search: Search, sections: list[tuple[str, str, str]], plots: dict[str, Path]) -> Path:

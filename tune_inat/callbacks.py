@@ -30,6 +30,7 @@ from ray.air.util.node import _force_on_current_node
 
 from tune_inat.console import trial_label
 from tune_inat.results import (
+    COST_KEYS,
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
     REPORTED_EPOCH_KEYS,
@@ -131,6 +132,7 @@ class ResultsLog:
             trainable_parameters=last.get("trainable_parameters"),
             startup_seconds=last.get("startup_seconds"),
             started_at=utc(last.get("started_at")),
+            **{key: last.get(key) for key in COST_KEYS},
             ended_at=_now(),
         )
         if status is None:

@@ -38,8 +38,8 @@ from tune_inat.data.dataset import DataConfig, TestData, TrainValData, merge_val
 from tune_inat.engine import FineTuning, MixedPrecision, predict_probabilities, resolve_device  # noqa: E402
 from tune_inat.errors import UserError  # noqa: E402
 from tune_inat.models import fetch_weights, save_model_file  # noqa: E402
-from tune_inat.results import percent, rank_trials, read_search_record  # noqa: E402
-from tune_inat.settings import TrainConfig, settings_of_row  # noqa: E402
+from tune_inat.results import COST_KEYS, percent, rank_trials, read_search_record  # noqa: E402
+from tune_inat.settings import TrainConfig, plain, settings_of_row  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +274,85 @@ def evaluate_once_on_test(run: FineTuning, test: TestData, device: torch.device)
     return predict_probabilities(run.model, batches.epoch(0), MixedPrecision(device))
 
 
+@dataclass(frozen=True)
+class Constraints:
+    """Where the model will run: limits a candidate must meet (None: no limit)."""
+
+    max_latency_ms: float | None = None  # one image, batch 1
+    latency_device: str = "cpu"  # whose latency: the CPU's or the GPU's the search measured
+    max_params: int | None = None
+    max_gflop: float | None = None  # FLOPs of one forward pass, as the trials table counts them
+
+    def limits(self) -> list[tuple[str, str, float]]:
+        """(flag, column, limit) of each limit set."""
+        found = [
+            ("--max-latency-ms", f"{self.latency_device}_latency_ms_b1", self.max_latency_ms),
+            ("--max-params", "total_parameters", self.max_params),
+            ("--max-gflops", "forward_gflop", self.max_gflop),
+        ]
+        return [(flag, column, limit) for flag, column, limit in found if limit is not None]
+
+
+def apply_constraints(trials: pd.DataFrame, constraints: Constraints) -> tuple[pd.DataFrame, list[str]]:
+    """The trials that meet every limit, and one line per limit saying which trials it removed."""
+    kept, notes = trials, []
+    for flag, column, limit in constraints.limits():
+        if trials[column].isna().all():
+            raise UserError(
+                f"{flag}: this search recorded no {column} (a search before costs were measured, or no "
+                f"{constraints.latency_device.upper()} in it)"
+            )
+        over = kept[~(kept[column] <= limit)]
+        kept = kept[kept[column] <= limit]
+        if len(over):
+            shown = ", ".join(
+                f"{r['trial_id']} ({r['backbone']} {int(r['image_size'])}px: {r[column]:,.4g})"
+                for _, r in over.head(5).iterrows()
+            )
+            notes.append(f"{flag} {limit:g} removed {len(over)} trials: {shown}{', ...' if len(over) > 5 else ''}")
+    completed = kept[kept["status"] == "completed"]
+    if completed.empty and constraints.limits():
+        limits = " ".join(f"{flag} {limit:g}" for flag, _, limit in constraints.limits())
+        cheapest = trials[trials["status"] == "completed"].sort_values(constraints.limits()[0][1]).head(1)
+        hint = (
+            f"; the cheapest completed trial is {cheapest['trial_id'].iloc[0]} at "
+            f"{cheapest[constraints.limits()[0][1]].iloc[0]:,.4g}"
+            if len(cheapest)
+            else ""
+        )
+        raise UserError(f"no completed trial meets {limits}{hint}")
+    return kept, notes
+
+
+def cost_line(cost: dict) -> str:
+    """What the exported model costs, as the search measured it."""
+    if cost.get("total_parameters") is None:
+        return ""
+    line = (
+        f"It has {cost['total_parameters'] / 1e6:.1f}M parameters ({cost['model_mb']:.0f} MB), "
+        f"{cost['forward_gflop']:.2f} GFLOP per image, {cost['cpu_latency_ms_b1']:.1f} ms per image on "
+        f"{cost['latency_cpu']}"
+    )
+    if cost.get("gpu_latency_ms_b1") is not None and cost["gpu_latency_ms_b1"] == cost["gpu_latency_ms_b1"]:
+        line += f", {cost['gpu_latency_ms_b1']:.2f} ms on {cost['latency_gpu']}"
+    return line + "."
+
+
 def run_final(
-    folder: Path, top_k: int, seeds: int, device_name: str, data_root: Path | None, max_epochs: int | None
+    folder: Path,
+    top_k: int,
+    seeds: int,
+    device_name: str,
+    data_root: Path | None,
+    max_epochs: int | None,
+    constraints: Constraints = Constraints(),
 ) -> str:
     info = read_search_record(str(folder))
     search = load_search(folder)
-    candidates = top_candidates(search.trials, top_k, search.mode, search.epochs)
+    allowed, removed = apply_constraints(search.trials, constraints)
+    for note in removed:
+        log.info(note)
+    candidates = top_candidates(allowed, top_k, search.mode, search.epochs)
     if max_epochs:
         candidates = [
             replace(c, settings=replace(c.settings, epochs=min(c.settings.epochs, max_epochs))) for c in candidates
@@ -342,9 +415,12 @@ def run_final(
         out / "model.pt", final_run.model, test.classes, winner.settings.image_size, winner.settings.to_dict()
     )
 
+    winner_row = search.trials.set_index("trial_id").loc[winner.trial_id]
     summary = {
         "winner_trial": winner.trial_id,
         "settings": winner.settings.to_dict(),
+        "cost": {key: plain(winner_row[key]) for key in COST_KEYS if key in winner_row},
+        "constraints": {flag: limit for flag, _, limit in constraints.limits()},
         "test_accuracy": accuracy,
         "test_images": int(len(labels)),
         "test_set_evaluations": 1,
@@ -372,7 +448,8 @@ def run_final(
             "",
             "![test predictions](final/test_predictions.png)",
             "",
-            "Model: `final/model.pt` (`python -m tune_inat.predict final/model.pt IMAGE`).",
+            "Model: `final/model.pt` (`python -m tune_inat.predict final/model.pt IMAGE`). "
+            + cost_line(summary["cost"]),
         ]
     )
     (out / "summary.md").write_text(markdown)
@@ -396,6 +473,26 @@ def final_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=None, help="dataset root, if it moved since the search")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap every run's epochs (a smoke test)")
+    limits = parser.add_argument_group("where the model will run (candidates must meet every limit given)")
+    limits.add_argument(
+        "--max-latency-ms",
+        type=float,
+        default=None,
+        help="milliseconds per image at batch 1, as the search measured them",
+    )
+    limits.add_argument(
+        "--latency-device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="whose latency --max-latency-ms limits: the CPU's or the GPU's",
+    )
+    limits.add_argument("--max-params", type=int, default=None, help="parameters of the whole model")
+    limits.add_argument(
+        "--max-gflops",
+        type=float,
+        default=None,
+        help="billions of FLOPs per image (2 per multiply-add, the trials table's forward_gflop)",
+    )
     return parser
 
 
@@ -405,7 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--top-k and --seeds must be at least 1")
         if not args.folder.is_dir():
             raise UserError(f"results folder {args.folder} does not exist")
-        print(run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs))
+        constraints = Constraints(args.max_latency_ms, args.latency_device, args.max_params, args.max_gflops)
+        print(run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs, constraints))
         return 0
 
     return run_command(final_parser(), run, argv)

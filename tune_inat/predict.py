@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def predict(args: argparse.Namespace) -> int:
     classes, image_size = meta["classes"], meta["image_size"]
     stored = stored_size_for(image_size)
     decoded, readable, failures = [], [], []
+    started = time.perf_counter()
     for path in image_files(args.images):
         try:
             decoded.append(decode_image(path, stored))
@@ -87,8 +89,11 @@ def predict(args: argparse.Namespace) -> int:
                 f"error: cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             )
     results = []
+    device = resolve_device(args.device)
     if decoded:
-        probabilities = classify(model, np.stack(decoded), image_size, resolve_device(args.device))
+        model_started = time.perf_counter()
+        probabilities = classify(model, np.stack(decoded), image_size, device)
+        model_seconds = time.perf_counter() - model_started
         for path, probs in zip(readable, probabilities):
             top = np.argsort(-probs)[: args.top_k]
             results.append(
@@ -100,6 +105,13 @@ def predict(args: argparse.Namespace) -> int:
         for result in results:
             shown = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
             print(f"{result['file']}: {shown}")
+    if decoded:
+        total = time.perf_counter() - started
+        print(
+            f"{len(decoded)} images in {total:.2f} s: {1000 * total / len(decoded):.1f} ms per image (reading and "
+            f"the model), {1000 * model_seconds / len(decoded):.1f} ms the model alone, on {device}",
+            file=sys.stderr,
+        )
     for line in failures:
         print(line, file=sys.stderr)
     return EXIT_USER_ERROR if failures else 0

@@ -76,6 +76,20 @@ TRIAL_COLUMNS = [
     ("gpu_seconds", pa.float64(), "sum of epoch seconds times GPU share"),
     ("trainable_parameters", pa.int64(), "parameters that train (freeze_fraction decides)"),
     ("startup_seconds", pa.float64(), "trial start to first training step: model build, cache open, weights"),
+    ("total_parameters", pa.int64(), "parameters of the whole model (what the exported file holds)"),
+    (
+        "forward_gflop",
+        pa.float64(),
+        "billions of FLOPs of one forward pass of one image, 2 per multiply-add "
+        "(PyTorch's FLOP counter; torchvision's published GFLOPS count multiply-adds, half as many)",
+    ),
+    ("model_mb", pa.float64(), "size of the model's saved weights, MB"),
+    ("cpu_latency_ms_b1", pa.float64(), "median ms of one forward pass of 1 image on the CPU (see latency_cpu)"),
+    ("cpu_latency_ms_b64", pa.float64(), "median ms of one forward pass of 64 images on the CPU"),
+    ("latency_cpu", pa.string(), "the CPU the latencies were measured on, and its threads"),
+    ("gpu_latency_ms_b1", pa.float64(), "median ms of one forward pass of 1 image on the trial's GPU (NaN without)"),
+    ("gpu_latency_ms_b64", pa.float64(), "median ms of one forward pass of 64 images on the trial's GPU"),
+    ("latency_gpu", pa.string(), "the GPU the latencies were measured on (null without)"),
     ("started_at", TIMESTAMP, "when the trial started (UTC)"),
     ("ended_at", TIMESTAMP, "when the trial ended (UTC)"),
 ]
@@ -84,7 +98,18 @@ TRIALS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in KEY_COLUMNS + CONFIG_CO
 
 # What the trainable reports each epoch, and where it lands: every key is a column of one table.
 REPORTED_EPOCH_KEYS = tuple(name for name, _, _ in EPOCH_COLUMNS if name != "timestamp")
-REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "startup_seconds", "started_at")
+COST_KEYS = (
+    "total_parameters",
+    "forward_gflop",
+    "model_mb",
+    "cpu_latency_ms_b1",
+    "cpu_latency_ms_b64",
+    "latency_cpu",
+    "gpu_latency_ms_b1",
+    "gpu_latency_ms_b64",
+    "latency_gpu",
+)
+REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "startup_seconds", "started_at", *COST_KEYS)
 REPORTED_TIME_KEY = "reported_at"  # unix seconds, becomes `timestamp`
 
 

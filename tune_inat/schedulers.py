@@ -117,3 +117,60 @@ class OrderedASHA(ASHAScheduler):
                         self._resume.add(trial_id)
         finally:
             self._settling = False
+
+
+class PASHA(ASHAScheduler):
+    """PASHA (Bohdal et al., ICLR 2023): ASHA whose maximum budget grows only while the ranking still changes.
+
+    It starts with the two lowest rungs as the whole budget: a trial that reaches the top rung is
+    stopped there (the budget is reached). Each time a trial reaches the top rung, the trials in the
+    top two rungs are compared: if their order at the top rung differs from their order one rung
+    below (by more than `epsilon`, so noise does not count), the budget grows by one rung, up to
+    `max_t`. Made for "pick the recipe, then re-train it" (our `final`): it spends the full budget
+    only when the low budgets do not already rank the configurations. Trials stopped at a smaller
+    budget stay stopped when the budget grows (the stopping variant of PASHA, like Ray's ASHA).
+    """
+
+    def __init__(self, epsilon: float = 0.01, **asha: Any) -> None:
+        super().__init__(brackets=1, **asha)
+        self.epsilon = epsilon
+        self._milestones = sorted(milestone for milestone, _ in self._brackets[0]._rungs)
+        self._top = min(1, len(self._milestones) - 1)  # index of the rung that is the budget now
+        self.budget_history: list[tuple[str, float]] = []  # (trial that made it grow, the new budget)
+
+    @property
+    def budget(self) -> float:
+        """Epochs a trial may run now."""
+        return self._milestones[self._top] if self._milestones else self._max_t
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        reached = result[self._time_attr]
+        if reached >= self._max_t or reached < self.budget:
+            return super().on_trial_result(tune_controller, trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)  # records it at the top rung
+        if self._ranking_changed() and self._top < len(self._milestones) - 1:
+            self._top += 1
+            self.budget_history.append((trial.trial_id, self.budget))
+        if action == TrialScheduler.CONTINUE and reached >= self.budget:
+            self._num_stopped += 1
+            return TrialScheduler.STOP  # the budget is reached
+        return action
+
+    def _ranking_changed(self) -> bool:
+        """Do the trials of the top rung rank differently there than one rung below (beyond epsilon)?"""
+        if self._top == 0:
+            return False
+        rungs = dict(self._brackets[0]._rungs)
+        upper, lower = rungs[self._milestones[self._top]], rungs[self._milestones[self._top - 1]]
+        both = [t for t in upper if t in lower]
+        for i, first in enumerate(both):
+            for second in both[i + 1 :]:
+                before = lower[first] - lower[second]
+                after = upper[first] - upper[second]
+                if (before > self.epsilon and after < -self.epsilon) or (
+                    before < -self.epsilon and after > self.epsilon
+                ):
+                    return True
+        return False

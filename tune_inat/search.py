@@ -275,7 +275,7 @@ class StateSaveFailures(logging.Handler):
 
 
 def param_space(spec: SearchSpec) -> dict[str, Any]:
-    """Ray's `param_space`: the fixed settings (a searcher with its own space adds the searched ones).
+    """Ray's `param_space`: the fixed settings, and the searched ones unless the searcher holds its own space.
 
     Ray does not keep it in tuner.pkl, so a restore passes it again, rebuilt from the saved search.
     """
@@ -283,8 +283,8 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
     from tune_inat.strategies import searcher_entry
 
     space = {**spec.fixed(), "seed": spec.fixed().get("seed", spec.options.seed)}
-    if searcher_entry(spec.searcher).expands_grid:
-        space.update(searched_tune_space(spec))  # the variant generator expands the grid from the param space
+    if not searcher_entry(spec.searcher).holds_space:
+        space.update(searched_tune_space(spec))  # random and grid: Ray's variant generator samples the param space
     return space
 
 
@@ -747,6 +747,13 @@ def search_parser() -> argparse.ArgumentParser:
     )
     options.add_argument("--seed", type=int, default=None, help="experiment seed (searcher and trials; default 0)")
     options.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="RESULTS_DIR",
+        help="an earlier search on the same data: its finished trials teach the searcher before its first "
+        "suggestion, and its best recipes run first",
+    )
+    options.add_argument(
         "--reproducible",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -824,6 +831,7 @@ def build_spec(args: argparse.Namespace, base: SearchSpec | None = None) -> Sear
         time_budget_s=parse_duration(args.time_budget, "--time-budget") if args.time_budget else None,
         seed=args.seed,
         reproducible=args.reproducible,
+        warm_start=absolute_location(args.warm_start) if args.warm_start else None,
         max_failures=args.max_failures,
         split_seed=args.split_seed,
         val_fraction=args.val_fraction,
@@ -940,6 +948,11 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address is None:
             plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
+        if spec.options.warm_start and not resume:
+            from tune_inat.warm import warm_start
+
+            for note in warm_start(spec, spec.options.warm_start, data_config.root).notes:
+                log.info(note)
         prefetch_weights(spec)
         data_by_size = prepare_data(spec, data_config)
         wandb_mode = configure_wandb(not args.no_wandb)

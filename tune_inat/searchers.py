@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_inat.space import SearchSpec
+from tune_inat.warm import PriorTrial, warm_start
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -30,9 +31,10 @@ class PruningAwareOptunaSearch(OptunaSearch):
     that end early are held back until their turn.
     """
 
-    def __init__(self, *args: Any, in_order_lag: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, in_order_lag: int | None = None, total: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lag = in_order_lag
+        self._total = total  # trials the search will ask for: once all are asked, no suggestion waits on a tell
         self._asked: list[str] = []  # trial ids in the order they were suggested
         self._held: dict[str, tuple[dict[str, Any] | None, bool]] = {}  # ended, not yet told
         self._told = 0  # how many of `_asked` have been told, in order
@@ -42,10 +44,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
             due = max(0, len(self._asked) - self._lag)  # trials that must be told before this one is asked
             if any(earlier not in self._held for earlier in self._asked[self._told : due]):
                 return None  # an earlier trial is still running: ask again later
-            while self._told < due:
-                earlier = self._asked[self._told]
-                self._tell(earlier, *self._held.pop(earlier))
-                self._told += 1
+            self._tell_in_order(due)
         config = super().suggest(trial_id)
         if isinstance(config, dict):
             self._asked.append(trial_id)
@@ -54,8 +53,17 @@ class PruningAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if self._lag is not None and trial_id in self._asked[self._told :]:
             self._held[trial_id] = (result, error)
+            if self._total is not None and len(self._asked) >= self._total:
+                self._tell_in_order(len(self._asked))  # the last asks are made: what is held can be told, in order
             return
         self._tell(trial_id, result, error)
+
+    def _tell_in_order(self, due: int) -> None:
+        """Tell the held trials among the first `due` asked, in the order they were asked, up to the first running."""
+        while self._told < due and self._asked[self._told] in self._held:
+            earlier = self._asked[self._told]
+            self._tell(earlier, *self._held.pop(earlier))
+            self._told += 1
 
     def _tell(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -77,6 +85,45 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
 
+    def learn_from(self, trials: list[PriorTrial]) -> None:
+        """Tell the study an earlier search's finished trials before the first suggestion (a warm start)."""
+        states = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
+        for prior in trials:
+            completed = prior.state == "completed"
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    params=prior.params,
+                    distributions=self._space,
+                    state=states[prior.state],
+                    value=prior.score if completed else None,
+                    intermediate_values={prior.epochs: prior.score} if prior.state == "pruned" else None,
+                )
+            )
+
+
+def first_recipes(spec: SearchSpec) -> tuple[list[dict[str, Any]], list[PriorTrial]]:
+    """What the searcher tries first (the space's `start_with`, then a warm start's best), and what it learns from."""
+    first = [dict(recipe) for recipe in spec.options.start_with]
+    prior: list[PriorTrial] = []
+    if spec.options.warm_start:  # checked, and its notes shown, by the search before the tuner is built
+        warm = warm_start(spec, spec.options.warm_start)
+        first += [recipe for recipe in warm.first if recipe not in first]
+        prior = warm.trials
+    return first, prior
+
+
+def tpe_sampler(spec: SearchSpec) -> optuna.samplers.TPESampler:
+    """Multivariate TPE, seeded, with the constant liar for parallel trials."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=spec.options.seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,  # parallel trials: pretend running ones did badly, to spread the suggestions
+            n_startup_trials=min(10, max(3, spec.options.num_samples // 3)),
+        )
+
 
 def optuna_searcher(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> PruningAwareOptunaSearch:
     """TPE over `space` (the searched settings as Ray Tune domains), seeded.
@@ -85,17 +132,18 @@ def optuna_searcher(spec: SearchSpec, space: dict[str, Any], max_concurrent: int
     `tuner.pkl` is complete: a search killed before Ray saved any searcher state still resumes.
     In the reproducible mode it learns in trial order, with as many trials running as fit.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=spec.options.seed,
-            multivariate=True,
-            group=True,
-            constant_liar=True,  # parallel trials: pretend running ones did badly, to spread the suggestions
-            n_startup_trials=min(10, max(3, spec.options.num_samples // 3)),
-        )
+    sampler = tpe_sampler(spec)
     distributions = OptunaSearch.convert_search_space(space)  # Optuna's own form: no conversion warning
     lag = max_concurrent - 1 if spec.options.reproducible else None
-    return PruningAwareOptunaSearch(
-        space=distributions, metric=spec.metric, mode=spec.mode, sampler=sampler, in_order_lag=lag
+    first, prior = first_recipes(spec)
+    searcher = PruningAwareOptunaSearch(
+        space=distributions,
+        metric=spec.metric,
+        mode=spec.mode,
+        sampler=sampler,
+        in_order_lag=lag,
+        total=spec.options.num_samples,
+        points_to_evaluate=first or None,
     )
+    searcher.learn_from(prior)
+    return searcher

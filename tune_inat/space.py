@@ -18,7 +18,7 @@ from typing import Any
 from tune_inat.backbones import get_backbone
 from tune_inat.cli import read_yaml
 from tune_inat.errors import UserError
-from tune_inat.settings import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting
+from tune_inat.settings import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting, coerce_settings
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searcher_entry
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -99,6 +99,8 @@ class SearchOptions:
     val_fraction: float = 0.2
     split_seed: int = 0
     reproducible: bool = False  # decisions in trial order: the same seed gives the same trials and winner
+    start_with: tuple = ()  # recipes (settings -> value) the searcher tries first (Ray's points_to_evaluate)
+    warm_start: str | None = None  # an earlier search's results folder whose finished trials the searcher learns from
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def spec_from_dict(raw: Any, source: str) -> SearchSpec:
     """A SearchSpec from `SearchSpec.to_dict()` output (search.json); damage is one UserError naming `source`."""
     try:
         parameters = {name: Parameter(**{**p, "values": tuple(p["values"])}) for name, p in raw["parameters"].items()}
-        options = SearchOptions(**raw["options"])
+        options = SearchOptions(**{**raw["options"], "start_with": tuple(raw["options"].get("start_with", ()))})
         return SearchSpec(raw["source"], raw["metric"], raw["mode"], parameters, options)
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{source}: the saved search space is damaged ({type(err).__name__}: {err})") from None
@@ -394,6 +396,9 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
     checked["scheduler_options"] = scheduler_options(
         options.scheduler, options.scheduler_options, f"{source}: tune_inat.scheduler"
     )
+    checked["start_with"] = _recipes(options.start_with, source)
+    if options.warm_start is not None and not isinstance(options.warm_start, str):
+        raise _fail(source, "tune_inat.warm_start", f"must be a results folder, got {options.warm_start!r}")
     if not isinstance(options.reproducible, bool):
         raise _fail(source, "tune_inat.reproducible", f"must be true or false, got {options.reproducible!r}")
     if options.reproducible and not SCHEDULERS[options.scheduler].reproducible:
@@ -409,6 +414,32 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
     if gpus is not None and gpus > 1 and not gpus.is_integer():
         raise _fail(source, "tune_inat.gpus_per_trial", f"a share above 1 must be a whole number of GPUs, got {gpus}")
     return replace(options, **checked)
+
+
+def _recipes(raw: Any, source: str) -> tuple:
+    """`start_with` as a tuple of {setting: value} with canonical names and typed values."""
+    if raw in (None, (), []):
+        return ()
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(entry, dict) for entry in raw):
+        raise _fail(source, "tune_inat.start_with", "must be a list of recipes, each a mapping of settings to values")
+    return tuple(coerce_settings(entry, f"{source}: tune_inat.start_with") for entry in raw)
+
+
+def check_start_with(spec: SearchSpec) -> None:
+    """Each recipe to try first lies in the space: its fixed settings as fixed, its searched ones within range."""
+    for index, recipe in enumerate(spec.options.start_with):
+        where = f"tune_inat.start_with[{index}]"
+        for name, value in recipe.items():
+            parameter = spec.parameters.get(name)
+            if parameter is None:
+                raise _fail(spec.source, where, f"{name} is not a setting of this space; give only its parameters")
+            if parameter.values and value not in parameter.values:
+                allowed = "fixed at " if parameter.is_fixed else "one of "
+                raise _fail(
+                    spec.source, where, f"{name} {value!r} is not in the space ({allowed}{list(parameter.values)})"
+                )
+            if not parameter.values and not parameter.low <= value <= parameter.high:
+                raise _fail(spec.source, where, f"{name} {value!r} is outside [{parameter.low:g}, {parameter.high:g}]")
 
 
 def parse_space(raw: Any, source: str) -> SearchSpec:
@@ -444,6 +475,7 @@ def parse_space(raw: Any, source: str) -> SearchSpec:
     spec = SearchSpec(source, metric, GOALS[goal], parameters, options)
     check_searcher_fits(spec)
     _check_values(spec)
+    check_start_with(spec)
     return spec
 
 
@@ -497,6 +529,7 @@ def with_overrides(spec: SearchSpec, scheduler_options: dict[str, Any] | None = 
     options = check_options(replace(spec.options, **given), "command line")
     spec = replace(spec, options=options)
     check_searcher_fits(spec)
+    check_start_with(spec)
     return spec
 
 
@@ -508,9 +541,15 @@ def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
     for key, value in settings.items():
         parameter = _parse_parameter("--set", key, {"value": value})
         parameters[parameter.name] = parameter
-    spec = replace(spec, parameters=parameters)
+    # the fixed value wins over a recipe's: drop the settings --set fixes from the recipes to try first
+    recipes = tuple(
+        {k: v for k, v in r.items() if k not in parameters or not parameters[k].is_fixed}
+        for r in spec.options.start_with
+    )
+    spec = replace(spec, parameters=parameters, options=replace(spec.options, start_with=recipes))
     check_searcher_fits(spec)
     _check_values(spec)
+    check_start_with(spec)
     return spec
 
 

@@ -51,6 +51,7 @@ class Searcher:
         [SearchSpec, dict[str, Any], int], Any
     ]  # (spec, Ray Tune space of searched settings, trials at once)
     expands_grid: bool = False  # runs every combination of the listed values once (no num_samples)
+    holds_space: bool = False  # built with the searched space itself (else Ray's param_space carries it)
     needs_values: bool = False  # takes only value/values, no distributions
     schedulers: tuple[str, ...] = ()  # the schedulers it works with; empty: any
 
@@ -135,6 +136,20 @@ RUNG_OPTIONS = {
     "reduction_factor": Option(float, 3.0, 1, "keep 1/this of the trials at each rung", low_open=True),
 }
 
+
+def _build_pasha(spec: SearchSpec) -> Any:
+    from tune_inat.schedulers import PASHA
+
+    options = spec.options.scheduler_options
+    return PASHA(
+        time_attr="epoch",
+        max_t=spec.max_epochs,
+        grace_period=min(options["grace_period"], spec.max_epochs),
+        reduction_factor=options["reduction_factor"],
+        epsilon=options["epsilon"],
+    )
+
+
 register_scheduler(Scheduler("fifo", "every trial runs all its epochs", _build_fifo))
 register_scheduler(
     Scheduler(
@@ -143,6 +158,16 @@ register_scheduler(
         "of the trials that reached it so far",
         _build_asha,
         dict(RUNG_OPTIONS),
+    )
+)
+register_scheduler(
+    Scheduler(
+        "pasha",
+        "ASHA whose maximum budget grows one rung at a time, only while the top two rungs rank trials "
+        "differently (Bohdal et al. 2023)",
+        _build_pasha,
+        {**RUNG_OPTIONS, "epsilon": Option(float, 0.01, 0, "score differences below this are ties (noise)")},
+        reproducible=False,
     )
 )
 
@@ -159,11 +184,19 @@ def _build_optuna(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) 
 def _build_variants(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.options.seed)
+    from tune_inat.searchers import first_recipes
+
+    first, _ = first_recipes(spec)  # random search learns nothing, but runs the known good recipes first
+    return BasicVariantGenerator(random_state=spec.options.seed, points_to_evaluate=first or None)
 
 
 register_searcher(
-    Searcher("optuna", "Optuna TPE (multivariate, seeded); early-stopped trials told as pruned", _build_optuna)
+    Searcher(
+        "optuna",
+        "Optuna TPE (multivariate, seeded); early-stopped trials told as pruned",
+        _build_optuna,
+        holds_space=True,
+    )
 )
 register_searcher(Searcher("random", "random sampling (seeded), as W&B's method: random", _build_variants))
 register_searcher(

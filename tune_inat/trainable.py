@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from ray import tune
 
+from tune_inat.costs import cost_of
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
 from tune_inat.engine import FineTuning
+from tune_inat.results import COST_KEYS
 from tune_inat.settings import TrainConfig
 
 CHECKPOINT_FILE = "fine_tuning.pt"
@@ -140,6 +142,8 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     }
     if history and "startup_seconds" in history[0]:
         facts["startup_seconds"] = history[0]["startup_seconds"]
+    if history and "forward_gflop" in history[0]:  # measured at the first start
+        facts.update({key: history[0][key] for key in COST_KEYS if key in history[0]})
     checkpoints = EpochCheckpoints()
     attempts = micro_batch_attempts(settings)
     try:
@@ -173,6 +177,16 @@ def train_and_report(
     if state is not None:
         fine_tuning.load_state_dict(state)
     facts.setdefault("startup_seconds", time.perf_counter() - start)  # the first start only
+    if "forward_gflop" not in facts:  # what the model costs where it runs: measured once per backbone and size
+        data = context.data_for(settings.image_size)
+        cost = cost_of(
+            settings.backbone,
+            settings.image_size,
+            len(data.classes),
+            device if device.type == "cuda" else None,
+            context.data_config.cache_dir,
+        )
+        facts.update(cost.as_report())
     constant = {
         **facts,
         "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
