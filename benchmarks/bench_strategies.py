@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=4, help="one-epoch-top-k: configurations run to the end")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--output", default="bench_strategies", help="name of the results files")
+    parser.add_argument("--results-dir", type=Path, default=HERE / "results", help="where they go")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_SLOW_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -364,10 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
     points = np.linspace(1, budget, 60)
     rows, quantiles = summarise(runs, budget, points)
     name = args.curves.stem.removeprefix("curves_")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     plot(
         quantiles,
         points,
-        HERE / "results" / f"{args.output}.png",
+        args.results_dir / f"{args.output}.png",
         f"{name}: {args.samples} trials of {len(curves.final)} recorded configurations, {args.seeds} seeds",
     )
     notes = (
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"full-budget accuracy; random+fifo spends {budget} trial-epochs. Replayed in "
         f"{time.perf_counter() - start:.0f} s."
     )
-    write_results(args.output, rows, notes)
+    write_results(args.output, rows, notes, args.results_dir)
     return {"rows": rows, "budget": budget}
 
 

@@ -95,9 +95,9 @@ def write_space(path: Path, parameters: dict, method: str = "random") -> Path:
     return path
 
 
-def write_results(name: str, rows: list[dict], notes: str = "") -> None:
-    """benchmarks/results/<name>.json and .md, with the machine and the exact command."""
-    RESULTS.mkdir(exist_ok=True)
+def write_results(name: str, rows: list[dict], notes: str = "", folder: Path = RESULTS) -> None:
+    """benchmarks/results/<name>.json and .md (or in `folder`), with the machine and the exact command."""
+    folder.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     record = {
         "benchmark": name,
@@ -108,12 +108,12 @@ def write_results(name: str, rows: list[dict], notes: str = "") -> None:
         "notes": notes,
     }
     suffix = "" if record["machine"]["device"] == "cpu" else "_gpu"
-    (RESULTS / f"{name}{suffix}.json").write_text(json.dumps(record, indent=2))
+    (folder / f"{name}{suffix}.json").write_text(json.dumps(record, indent=2))
     columns = list(rows[0]) if rows else []
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     md = [f"# {name}", "", f"`{command}`", "", f"{record['date']}; {record['machine']}", "", *table, "", notes]
-    (RESULTS / f"{name}{suffix}.md").write_text("\n".join(md) + "\n")
+    (folder / f"{name}{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(table))
     if notes:
         print(notes)

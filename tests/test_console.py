@@ -128,8 +128,13 @@ def test_every_command_shares_the_common_flags() -> None:
 
 
 def test_help_shows_defaults_and_choices() -> None:
-    search = _parsers()["search"].format_help()
-    assert "asha:" in search and "fifo:" in search and "{fifo,asha}" in search
+    from tune_inat.strategies import SCHEDULERS, SEARCHERS
+
+    search = " ".join(_parsers()["search"].format_help().split())
+    for registry in (SCHEDULERS, SEARCHERS):
+        assert "{" + ",".join(registry) + "}" in search
+    for name in SCHEDULERS:
+        assert f"{name}:" in search  # each scheduler explained in --help
     train = _parsers()["train"].format_help()
     assert "(default resnet50)" in train and "(default imagenet)" in train
     assert "{auto,cpu,cuda}" in train

@@ -29,7 +29,7 @@ def test_the_cost_is_measured_once_and_then_read_from_the_cache(tmp_path: Path) 
     second = cost_of("resnet18", 32, 10, None, tmp_path)
     assert second == first  # the same timings to the last digit: read, not measured again
     assert cached.stat().st_mtime_ns == written
-    assert first.parameters > 1e6 and first.forward_gflop > 0 and first.model_mb > 1
+    assert first.total_parameters > 1e6 and first.forward_gflop > 0 and first.model_mb > 1
     assert 0 < first.cpu_latency_ms_b1 < first.cpu_latency_ms_b64 and "threads" in first.latency_cpu
     assert first.gpu_latency_ms_b1 is None and first.latency_gpu is None  # measured without a GPU
     assert cost_of("resnet18", 48, 10, None, tmp_path) != first  # another size: its own entry

@@ -318,7 +318,7 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
         error = _one_error(second.stderr)
         assert second.returncode == 2 and "search read is already running" in error
         assert f"pid {process.pid}" in error and "host" in error
-    reads, failures, shapes = 0, [], set()
+    reads, failures, shapes, trial_counts = 0, [], set(), set()
     while process.poll() is None:
         # trials.parquet, the table that gains rows as trials end, every time through pyarrow (which pandas reads
         # through); pandas itself and epochs.parquet every tenth time
@@ -329,13 +329,16 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
             try:
                 frame = pd.read_parquet(folder / table) if reads % 10 == 0 else pq.read_table(folder / table)
                 shapes.add((table, frame.shape[1]))
+                if table == "trials.parquet":
+                    trial_counts.add(frame.shape[0])
                 reads += 1
             except Exception as err:  # any failure of a reader counts
                 failures.append(f"{type(err).__name__}: {err}")
     out, err = process.communicate()
     assert process.returncode == 0, err[-3000:]
     print(f"{reads} reads while the search ran")
-    assert reads >= 20_000 and not failures, (reads, failures[:3])
+    # thousands of reads, and they saw the table grow several times: reads raced the writes
+    assert reads >= 2_000 and len(trial_counts) >= 3 and not failures, (reads, sorted(trial_counts), failures[:3])
     assert (
         len({columns for table, columns in shapes if table == "trials.parquet"}) == 1
     )  # never a table without its columns

@@ -218,6 +218,7 @@ def test_every_reported_metric_lands_in_a_table(demo_search) -> None:
         "time_since_restore",
         "iterations_since_restore",
         "experiment_tag",
+        "should_checkpoint",  # Ray's own flag, added to a result that carries a checkpoint
     }
     reported = set()
     for result in demo_search.grid:

@@ -446,6 +446,20 @@ def text_table(frame: pd.DataFrame) -> str:
     return shown.to_string()
 
 
+def per_node(search: Search) -> pd.DataFrame | None:
+    """Trials, epochs and seconds per epoch on each node, when the search ran on several (else None)."""
+    if "node_id" not in search.trials or search.trials["node_id"].nunique() < 2:
+        return None
+    nodes = search.trials[["trial_id", "node_id", "node_host", "device_name"]]
+    epochs = search.epochs.merge(nodes, on="trial_id")
+    table = epochs.groupby(["node_host", "node_id", "device_name"]).agg(
+        trials=("trial_id", "nunique"), epochs=("epoch", "size"), seconds_per_epoch=("epoch_seconds", "mean")
+    )
+    table = table.reset_index()
+    table["node_id"] = table["node_id"].str[:12]
+    return table
+
+
 def summary_sections(search: Search) -> list[tuple[str, str, str]]:
     """(title, console text, markdown) for each part of the analysis."""
     saved = compute_saved(search)
@@ -469,6 +483,9 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
             (markdown_table(importance_frame) + "\n\n" if importance_frame is not None else "") + f"_{note}_",
         ),
     ]
+    by_node = per_node(search)
+    if by_node is not None:
+        sections.append(("Time per epoch by node", text_table(by_node), markdown_table(by_node)))
     if search.trials[list(COSTS)].notna().any().all():
         columns = [
             "trial_id",

@@ -33,6 +33,7 @@ from tune_inat.results import (
     COST_KEYS,
     EPOCHS_FILE,
     EPOCHS_SCHEMA,
+    PLACE_KEYS,
     REPORTED_EPOCH_KEYS,
     REPORTED_TIME_KEY,
     TRIALS_FILE,
@@ -132,7 +133,7 @@ class ResultsLog:
             trainable_parameters=last.get("trainable_parameters"),
             startup_seconds=last.get("startup_seconds"),
             started_at=utc(last.get("started_at")),
-            **{key: last.get(key) for key in COST_KEYS},
+            **{key: last.get(key) for key in (*COST_KEYS, *PLACE_KEYS)},
             ended_at=_now(),
         )
         if status is None:

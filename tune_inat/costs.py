@@ -34,7 +34,7 @@ TIMED_SECONDS = 1.0  # per latency: repeated runs until this long (at least 3)
 
 @dataclass(frozen=True)
 class ModelCost:
-    parameters: int  # all of them: what the exported model holds
+    total_parameters: int  # all of them: what the exported model holds
     forward_gflop: float  # one forward pass of one image, billions of FLOPs (2 per multiply-add)
     model_mb: float  # the model's weights as saved, MB
     cpu_latency_ms_b1: float
@@ -105,7 +105,7 @@ def measure(backbone: str, image_size: int, num_classes: int, gpu: torch.device 
     gflop = forward_gflop(model, image_size)
     cpu = torch.device("cpu")
     cost = dict(
-        parameters=model.num_parameters(),
+        total_parameters=model.num_parameters(),
         forward_gflop=gflop,
         model_mb=weights.tell() / 2**20,
         cpu_latency_ms_b1=latency_ms(model, image_size, 1, cpu),

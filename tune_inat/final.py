@@ -293,6 +293,20 @@ class Constraints:
         return [(flag, column, limit) for flag, column, limit in found if limit is not None]
 
 
+def _amount(column: str, value: float) -> str:
+    """A cost as people read it: 21.3M parameters, 4.1 ms, 0.58 GFLOP."""
+    if column == "total_parameters":
+        return f"{value / 1e6:.1f}M parameters"
+    if column == "forward_gflop":
+        return f"{value:.3g} GFLOP"
+    return f"{value:.3g} ms"
+
+
+def _limit(limit: float) -> str:
+    """A limit as it was given on the command line."""
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
 def apply_constraints(trials: pd.DataFrame, constraints: Constraints) -> tuple[pd.DataFrame, list[str]]:
     """The trials that meet every limit, and one line per limit saying which trials it removed."""
     kept, notes = trials, []
@@ -306,17 +320,18 @@ def apply_constraints(trials: pd.DataFrame, constraints: Constraints) -> tuple[p
         kept = kept[kept[column] <= limit]
         if len(over):
             shown = ", ".join(
-                f"{r['trial_id']} ({r['backbone']} {int(r['image_size'])}px: {r[column]:,.4g})"
+                f"{r['trial_id']} ({r['backbone']} {int(r['image_size'])}px: {_amount(column, r[column])})"
                 for _, r in over.head(5).iterrows()
             )
-            notes.append(f"{flag} {limit:g} removed {len(over)} trials: {shown}{', ...' if len(over) > 5 else ''}")
+            more = ", ..." if len(over) > 5 else ""
+            notes.append(f"{flag} {_limit(limit)} removed {len(over)} trials: {shown}{more}")
     completed = kept[kept["status"] == "completed"]
     if completed.empty and constraints.limits():
-        limits = " ".join(f"{flag} {limit:g}" for flag, _, limit in constraints.limits())
+        limits = " ".join(f"{flag} {_limit(limit)}" for flag, _, limit in constraints.limits())
         cheapest = trials[trials["status"] == "completed"].sort_values(constraints.limits()[0][1]).head(1)
         hint = (
             f"; the cheapest completed trial is {cheapest['trial_id'].iloc[0]} at "
-            f"{cheapest[constraints.limits()[0][1]].iloc[0]:,.4g}"
+            f"{_amount(constraints.limits()[0][1], cheapest[constraints.limits()[0][1]].iloc[0])}"
             if len(cheapest)
             else ""
         )

@@ -90,6 +90,9 @@ TRIAL_COLUMNS = [
     ("gpu_latency_ms_b1", pa.float64(), "median ms of one forward pass of 1 image on the trial's GPU (NaN without)"),
     ("gpu_latency_ms_b64", pa.float64(), "median ms of one forward pass of 64 images on the trial's GPU"),
     ("latency_gpu", pa.string(), "the GPU the latencies were measured on (null without)"),
+    ("node_id", pa.string(), "the Ray node the trial last ran on"),
+    ("node_host", pa.string(), "that node's host name"),
+    ("device_name", pa.string(), "the GPU model the trial trained on, or the CPU model"),
     ("started_at", TIMESTAMP, "when the trial started (UTC)"),
     ("ended_at", TIMESTAMP, "when the trial ended (UTC)"),
 ]
@@ -109,7 +112,8 @@ COST_KEYS = (
     "gpu_latency_ms_b64",
     "latency_gpu",
 )
-REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "startup_seconds", "started_at", *COST_KEYS)
+PLACE_KEYS = ("node_id", "node_host", "device_name")
+REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "startup_seconds", "started_at", *COST_KEYS, *PLACE_KEYS)
 REPORTED_TIME_KEY = "reported_at"  # unix seconds, becomes `timestamp`
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,16 +29,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
-from tune_inat.costs import cost_of
+from tune_inat.costs import cost_of, cpu_name
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
 from tune_inat.engine import FineTuning
 from tune_inat.results import COST_KEYS
 from tune_inat.settings import TrainConfig
 
 CHECKPOINT_FILE = "fine_tuning.pt"
+NODE_CACHE_VARIABLE = "TUNE_INAT_NODE_CACHE"  # set on a cluster node: where that node keeps its own caches
 HISTORY_FILE = "epochs.json"
 OOM_MARKER = "out_of_gpu_memory.txt"
 
@@ -61,11 +65,18 @@ class TrialContext:
     before_epoch: EpochHook | None = None
 
     def data_for(self, image_size: int) -> TrainValData:
+        node_cache = os.environ.get(NODE_CACHE_VARIABLE)
         data = self.data_by_size.get(image_size)
-        if data is not None and data.cache.is_present():
+        if not node_cache and data is not None and data.cache.is_present():
             return data
-        # Not built on this node (or not planned for this size): build or find it here, under the lock.
-        return prepare_train_val(replace(self.data_config, progress=False), image_size)
+        # Not built on this node (or not planned for this size), or this node keeps its own cache: build or find
+        # it here, under the cache's lock.
+        return prepare_train_val(replace(self.data_config, progress=False, cache_dir=self.cache_dir), image_size)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where this node keeps its caches: `TUNE_INAT_NODE_CACHE` where the node sets it, else the driver's."""
+        return Path(os.environ.get(NODE_CACHE_VARIABLE) or self.data_config.cache_dir)
 
 
 def trial_resources() -> tuple[float, float]:
@@ -139,6 +150,9 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         "gpu_share": gpu_share,
         "cpus": cpus,
         "started_at": history[0].get("started_at", started_at) if history else started_at,
+        "node_id": ray.get_runtime_context().get_node_id(),  # where it runs now (after a retry: the new node)
+        "node_host": socket.gethostname(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }
     if history and "startup_seconds" in history[0]:
         facts["startup_seconds"] = history[0]["startup_seconds"]
@@ -184,7 +198,7 @@ def train_and_report(
             settings.image_size,
             len(data.classes),
             device if device.type == "cuda" else None,
-            context.data_config.cache_dir,
+            context.cache_dir,
         )
         facts.update(cost.as_report())
     constant = {
