@@ -104,6 +104,12 @@ def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathF
         verbose=0,
         wandb_project="tune-inat-tests",
     )
+    caches_after_search = {path.name for path in Path(data_config.cache_dir).iterdir()}  # before any test adds one
     return SimpleNamespace(
-        spec=spec, grid=outcome.grid, outcome=outcome, folder=results / "demo-test", data_config=data_config
+        spec=spec,
+        grid=outcome.grid,
+        outcome=outcome,
+        folder=results / "demo-test",
+        data_config=data_config,
+        caches_after_search=caches_after_search,
     )

@@ -28,7 +28,7 @@ def test_the_strategy_replay_runs_at_reduced_seeds_on_the_recorded_curves(tmp_pa
     recorded = pd.read_parquet(curves)
     settings = ["backbone", "freeze_fraction", "lr", "batch_size", "augment"]
     assert recorded.groupby(settings).ngroups >= 100 and recorded["epoch"].max() >= 8  # the recording the issue asks
-    strategies = ["random+fifo", "tpe+asha", "tpe+pasha", "one-epoch-top-k"]
+    strategies = ["random+fifo", "tpe+asha", "one-epoch-top-k"]
     replay = subprocess.run(
         [
             sys.executable,
@@ -36,7 +36,7 @@ def test_the_strategy_replay_runs_at_reduced_seeds_on_the_recorded_curves(tmp_pa
             "--seeds",
             "2",
             "--samples",
-            "16",
+            "12",
             "--strategies",
             *strategies,
             "--results-dir",
@@ -50,7 +50,7 @@ def test_the_strategy_replay_runs_at_reduced_seeds_on_the_recorded_curves(tmp_pa
     assert replay.returncode == 0, replay.stdout[-2000:] + replay.stderr[-2000:]
     rows = {row["strategy"]: row for row in json.loads((tmp_path / "bench_strategies.json").read_text())["rows"]}
     assert list(rows) == strategies and all(row["seeds"] == 2 for row in rows.values())
-    assert rows["random+fifo"]["trial_epochs_used"] == 16 * recorded["epoch"].max()  # every trial to the end
+    assert rows["random+fifo"]["trial_epochs_used"] == 12 * recorded["epoch"].max()  # every trial to the end
     assert rows["tpe+asha"]["trial_epochs_used"] < rows["random+fifo"]["trial_epochs_used"]  # ASHA stops some
     assert all(0 <= row["final_regret_mean"] <= 100 for row in rows.values())
     assert (tmp_path / "bench_strategies.png").stat().st_size > 20_000
