@@ -22,7 +22,7 @@ from crash_helpers import assert_complete, written_epochs
 
 from tune_inat.lock import OWNER_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SEARCH = [
     "--demo",
