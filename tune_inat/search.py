@@ -512,13 +512,16 @@ def execute(
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
     if not spec.expands_grid and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
+    # A failed save matters only if the saved state is behind: one that shows every trial ended was written after
+    # them (Ray retries its saves, so a passing failure of one is followed by a good one).
+    state_behind = unfinished > 0 or not trials
     return SearchOutcome(
         place,
         grid,
         unfinished,
         results.pending,
         unwritten_message(results) if results.pending else "",
-        state_failures.reason,
+        state_failures.reason if state_behind else "",
         folder_lost,
     )
 
