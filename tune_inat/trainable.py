@@ -187,12 +187,12 @@ def train_and_report(
     start: float,
 ) -> None:
     """Build the run (restoring `state`), then train, report and checkpoint each remaining epoch."""
-    fine_tuning = FineTuning(settings, context.data_for(settings.image_size), device)
+    data = context.data_for(settings.image_size)  # once: with a node's own cache it is opened and checked here
+    fine_tuning = FineTuning(settings, data, device)
     if state is not None:
         fine_tuning.load_state_dict(state)
     facts.setdefault("startup_seconds", time.perf_counter() - start)  # the first start only
     if "forward_gflop" not in facts:  # what the model costs where it runs: measured once per backbone and size
-        data = context.data_for(settings.image_size)
         cost = cost_of(
             settings.backbone,
             settings.image_size,
