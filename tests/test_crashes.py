@@ -93,3 +93,27 @@ def test_killed_before_anything_was_written_says_how_to_start_afresh(tmp_path: P
     afresh = run_cli("tune_inat.search", *args, env=env, timeout=600, cwd=tmp_path)
     assert afresh.returncode == 0, afresh.stderr[-3000:]
     assert_complete(tmp_path / "results" / "early", TRIALS, EPOCHS)
+
+
+def test_local_checkpoint_copies_of_killed_workers_are_removed(tmp_path: Path) -> None:
+    """A SIGKILLed worker cannot remove its local checkpoint copy; the next trial on the machine does."""
+    import os
+    import subprocess
+    import sys
+
+    from tune_inat.trainable import EpochCheckpoints
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"tune-inat-ckpt-{ended.stdout.strip()}-abc123"
+    orphan.mkdir()
+    (orphan / "fine_tuning.pt").write_bytes(b"weights")
+    alive = tmp_path / f"tune-inat-ckpt-{os.getppid()}-def456"  # a running worker's copy stays
+    alive.mkdir()
+    unrelated = tmp_path / "tune-inat-ckpt-notapid"
+    unrelated.mkdir()
+    checkpoints = EpochCheckpoints(tmp_path)
+    assert not orphan.exists() and alive.exists() and unrelated.exists()
+    saved = checkpoints.save({"epoch": 1}, [{"epoch": 1}])
+    assert saved.parent == tmp_path and saved.name.startswith(f"tune-inat-ckpt-{os.getpid()}-")
+    checkpoints.discard()
+    assert not saved.exists()

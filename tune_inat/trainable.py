@@ -85,14 +85,24 @@ def trial_resources() -> tuple[float, float]:
     return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
 
 
-class EpochCheckpoints:
-    """Each epoch's state saved once: the copy Ray keeps, and the local copy an OOM retry restarts from."""
+CHECKPOINT_PREFIX = "tune-inat-ckpt-"
 
-    def __init__(self) -> None:
+
+class EpochCheckpoints:
+    """Each epoch's state saved once: the copy Ray keeps, and the local copy an OOM retry restarts from.
+
+    The local copy lives in the temp dir under the worker's pid. A worker killed outright (the driver
+    SIGKILLed, a node lost) cannot remove its copy, so each new trial removes those of dead workers:
+    a crashed search does not leave a model's weights and optimiser state per trial in /tmp for good.
+    """
+
+    def __init__(self, temp_dir: Path | None = None) -> None:
+        self.temp_dir = Path(temp_dir or tempfile.gettempdir())
         self.latest: Path | None = None
+        remove_orphaned_checkpoints(self.temp_dir)
 
     def save(self, state: dict[str, Any], history: list[dict[str, Any]]) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="tune-inat-ckpt-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-", dir=self.temp_dir))
         torch.save(state, folder / CHECKPOINT_FILE)
         (folder / HISTORY_FILE).write_text(json.dumps(history))
         self.discard()
@@ -103,6 +113,24 @@ class EpochCheckpoints:
         if self.latest is not None:
             shutil.rmtree(self.latest, ignore_errors=True)
             self.latest = None
+
+
+def remove_orphaned_checkpoints(temp_dir: Path) -> None:
+    """Remove local checkpoint copies whose worker process no longer runs on this machine."""
+    for folder in temp_dir.glob(f"{CHECKPOINT_PREFIX}*-*"):
+        pid = folder.name.removeprefix(CHECKPOINT_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def load_checkpoint(folder: Path, where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
