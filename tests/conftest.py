@@ -17,6 +17,11 @@ from tune_inat.data.demo import make_demo
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The multi-node tests last: they start and end whole Ray clusters beside the session's own Ray."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The standard demo folder (10 classes, 40 train + 10 test images each), made once per session."""
