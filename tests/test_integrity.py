@@ -304,7 +304,7 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
         "--num-samples",
         "8",
         "--max-epochs",
-        "6",
+        "4",
         "--results",
         str(tmp_path / "results"),
         "--name",
@@ -343,7 +343,7 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
     assert (
         len({columns for table, columns in shapes if table == "trials.parquet"}) == 1
     )  # never a table without its columns
-    assert_complete(folder, 8, 6)  # the refused searches took nothing of it
+    assert_complete(folder, 8, 4)  # the refused searches took nothing of it
 
 
 def test_results_folder_deleted_mid_search_is_said_and_rewritten(tmp_path: Path) -> None:

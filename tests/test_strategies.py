@@ -134,6 +134,8 @@ def test_a_demo_search_with_pasha(tmp_path: Path, demo_root: Path) -> None:
         "--num-samples",
         "6",
         "--set",
+        "backbone=resnet18",
+        "--set",
         "image_size=32",
         "--no-wandb",
         "--quiet",
