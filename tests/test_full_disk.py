@@ -89,6 +89,7 @@ def test_results_disk_full_then_freed_mid_search_loses_nothing(small_disk: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_results_disk_still_full_at_the_end_exits_1_then_resume_writes_everything(
     small_disk: Path, tmp_path: Path
 ) -> None:

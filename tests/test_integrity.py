@@ -304,7 +304,7 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
         "--num-samples",
         "8",
         "--max-epochs",
-        "4",
+        "3",
         "--results",
         str(tmp_path / "results"),
         "--name",
@@ -337,13 +337,13 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
     out, err = process.communicate()
     assert process.returncode == 0, err[-3000:]
     print(f"{reads} reads while the search ran")
-    # thousands of reads (about 10,000 on a busy 2-core machine), and they saw the table grow several times: the
+    # thousands of reads (several thousand on a busy 2-core machine), and they saw the table grow several times: the
     # reads raced the writes
-    assert reads >= 5_000 and len(trial_counts) >= 3 and not failures, (reads, sorted(trial_counts), failures[:3])
+    assert reads >= 3_000 and len(trial_counts) >= 3 and not failures, (reads, sorted(trial_counts), failures[:3])
     assert (
         len({columns for table, columns in shapes if table == "trials.parquet"}) == 1
     )  # never a table without its columns
-    assert_complete(folder, 8, 4)  # the refused searches took nothing of it
+    assert_complete(folder, 8, 3)  # the refused searches took nothing of it
 
 
 def test_results_folder_deleted_mid_search_is_said_and_rewritten(tmp_path: Path) -> None:
