@@ -296,15 +296,10 @@ def anytime_quantiles(frames: list[pd.DataFrame], compute: str, points: np.ndarr
     """Quartiles over seeds of the pick's regret once `compute` (trial_epochs or sim_seconds) reached each point.
 
     A search that ended keeps its final pick."""
-    grid = np.array(
-        [
-            [
-                frame.loc[frame[compute] <= x, "regret"].iloc[-1] if (frame[compute] <= x).any() else np.nan
-                for x in points
-            ]
-            for frame in frames
-        ]
-    )
+    grid = np.full((len(frames), len(points)), np.nan)
+    for row, frame in zip(grid, frames):
+        last = np.searchsorted(frame[compute].to_numpy(), points, side="right") - 1  # compute only grows
+        row[last >= 0] = frame["regret"].to_numpy()[last[last >= 0]]
     with warnings.catch_warnings():  # before a strategy's first report there is no pick yet: all-NaN columns
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanpercentile(grid, [25, 50, 75], axis=0)

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tune_inat.backbones import get_backbone
 from tune_inat.models import build_model
 
-TIMED_SECONDS = 0.3  # per latency: repeated runs until this long (at least 5): the median settles fast
+TIMED_SECONDS = 0.3  # per latency: repeated runs until this long (at least MIN_RUNS): the median settles fast
+MIN_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _median_ms(run: Callable[[], object], synchronize: Callable[[], object]) -> 
     synchronize()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < TIMED_SECONDS and len(times) < 50):
+    while len(times) < MIN_RUNS or (time.perf_counter() - start < TIMED_SECONDS and len(times) < 50):
         began = time.perf_counter()
         run()
         synchronize()
