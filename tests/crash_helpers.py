@@ -114,3 +114,34 @@ def assert_complete(folder: Path, trials: int, epochs: int) -> None:
         mine = set(table[table["trial_id"] == trial_id]["epoch"])
         assert set(recorded_epochs(trial_dir)) <= mine, (trial_id, recorded_epochs(trial_dir), sorted(mine))
     assert set(table["trial_id"]) == set(finished["trial_id"])
+
+
+def read_tables_until(folder: str, stop_file: str) -> dict:
+    """A reader of a running search's tables, in a no-sleep loop from its first rows until `stop_file` exists.
+
+    `trials.parquet` (the table that gains rows as trials end) every time through pyarrow (which pandas reads
+    through), pandas itself and `epochs.parquet` every tenth time. Run in processes of its own, several at once, as
+    notebooks reading a running search would; at the CPU priority Ray gives its trials (15), which a busy reader at
+    the default priority would starve.
+    """
+    import pyarrow.parquet as pq
+
+    os.nice(15)
+    while not os.path.exists(os.path.join(folder, "epochs.parquet")) and not os.path.exists(stop_file):
+        time.sleep(0.05)
+    reads, failures, shapes, trial_counts = 0, [], set(), set()
+    while not os.path.exists(stop_file):
+        tables = ["trials.parquet", "epochs.parquet"] if reads % 10 == 0 else ["trials.parquet"]
+        for table in tables:
+            path = os.path.join(folder, table)
+            if not os.path.exists(path):
+                continue
+            try:
+                frame = pd.read_parquet(path) if reads % 10 == 0 else pq.read_table(path)
+                shapes.add((table, frame.shape[1]))
+                if table == "trials.parquet":
+                    trial_counts.add(frame.shape[0])
+                reads += 1
+            except Exception as err:  # any failure of a reader counts
+                failures.append(f"{type(err).__name__}: {err}")
+    return {"reads": reads, "failures": failures[:5], "shapes": shapes, "trial_counts": trial_counts}

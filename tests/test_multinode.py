@@ -12,12 +12,13 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from cluster_helpers import Cluster, cluster_env, job_id
+from cluster_helpers import RAY, Cluster, cluster_env, job_id
 from crash_helpers import assert_complete, written_epochs
 
 from tune_inat.lock import OWNER_FILE
@@ -117,7 +118,16 @@ def test_an_interrupted_search_resumes_on_a_fresh_cluster(tmp_path: Path) -> Non
         second.add_worker("worker-2", cpus=1)
         resumed = second.submit([*arguments, "--resume"])
         assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+        assert "succeeded" in resumed.stdout + resumed.stderr  # Ray's verdict on the job, from `ray job submit`
         assert "Leaderboard: top 3 of 3 trials" in resumed.stdout
         assert_complete(results / "moved", 3, 3)
+        unauthenticated = subprocess.run(
+            [RAY, "job", "list", "--address", second.dashboard],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in second.env.items() if k != "RAY_AUTH_MODE"},
+            timeout=60,
+        )
+        assert unauthenticated.returncode != 0  # the head refuses callers without the token
     finally:
         second.stop()
