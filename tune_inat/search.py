@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import socket
 import sys
 import time
@@ -408,6 +409,40 @@ def set_aside_broken_ray_state(place: SearchPlace) -> None:
                 path.rename(path.with_name(f".damaged-{path.name}"))
 
 
+def recover_replaced_checkpoints(place: SearchPlace) -> None:
+    """Make Ray's saved state name checkpoints that exist again, where Ray had replaced and deleted them.
+
+    Ray deletes a superseded checkpoint as soon as it registers the next one, and saves the experiment
+    state that names the new one a moment later; a search killed in between resumes from a state that
+    names deleted checkpoints, and Ray fails such a trial ("does not exist on storage anymore"). The
+    trial's newest checkpoint on storage (a later epoch, with the whole metrics history) takes the
+    deleted latest one's name, so the trial continues from there, its rows coming from that history; a
+    deleted one the state keeps as best gets an empty folder, which Ray deletes in its turn.
+    """
+    if not is_local(place.experiment):
+        return  # object storage: no renames there; Ray fails such a trial and says why
+    for trial in saved_trials(place):
+        if trial.checkpoint is None or Path(trial.checkpoint.path).exists():
+            continue
+        latest = Path(trial.checkpoint.path)
+        newer = sorted(path for path in latest.parent.glob("checkpoint_*") if path.name > latest.name)
+        if not newer:
+            continue  # nothing later to continue from: Ray fails the trial and says why
+        log.warning(
+            "warning: trial %s: Ray's saved state names %s, deleted just before the search stopped; the trial "
+            "resumes from its newest checkpoint, %s (renamed %s)",
+            trial.trial_id,
+            latest.name,
+            newer[-1].name,
+            latest.name,
+        )
+        for superseded in newer[:-1]:  # named nowhere in Ray's state: nothing else would remove them
+            shutil.rmtree(superseded, ignore_errors=True)
+        newer[-1].rename(latest)
+        for kept in trial.run_metadata.checkpoint_manager.best_checkpoint_results:
+            Path(kept.checkpoint.path).mkdir(exist_ok=True)
+
+
 def saved_trials(place: SearchPlace) -> list[Any]:
     """The trials as Ray last saved them (an interrupted trial stays unfinished there)."""
     from ray import tune
@@ -484,6 +519,7 @@ def execute(
     )
     if resume:
         set_aside_broken_ray_state(place)
+        recover_replaced_checkpoints(place)
         tuner = restore_tuner(spec, place, trainable)
     else:
         write_search_record(place.results, search_record(spec, data_config, place))
