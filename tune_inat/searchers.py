@@ -81,7 +81,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
             if has_value:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # a step already reported is kept as it was
-                    ot_trial.report(value, int(result.get("training_iteration", result.get("epoch", 0))))
+                    # the trial's own epoch: Ray's iteration count can lag it after a resume
+                    ot_trial.report(value, int(result.get("epoch", result.get("training_iteration", 0))))
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
 
