@@ -323,8 +323,10 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
     stop_file = tmp_path / "stop-reading"
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as readers:
         seen = [readers.submit(read_tables_until, str(folder), str(stop_file)) for _ in range(2)]
-        out, err = process.communicate()
-        stop_file.touch()
+        try:
+            out, err = process.communicate()
+        finally:
+            stop_file.touch()
         seen = [reader.result() for reader in seen]
     assert process.returncode == 0, err[-3000:]
     reads = sum(reader["reads"] for reader in seen)
