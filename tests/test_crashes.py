@@ -61,17 +61,31 @@ def _kept_as_written(before: pd.DataFrame, after: pd.DataFrame) -> None:
     assert (kept["val_acc_before"] == kept["val_acc_after"]).all()
 
 
+def _killed_while_starting_then_started_afresh(args: list[str], folder: Path, cwd: Path, env: dict) -> None:
+    """Killed while still importing, nothing of the search exists: `--resume` says how to start afresh."""
+    process = start_search(args, cwd, env)
+    time.sleep(0.5)
+    kill_group(process)
+    assert not (folder / "search.json").exists()
+    resumed = run_cli("tune_inat.search", *args, "--resume", env=env, cwd=cwd)
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert resumed.returncode == 2 and len(errors) == 1 and "Traceback" not in resumed.stderr
+    assert "nothing to resume" in errors[0] and "without --resume" in errors[0]
+
+
 @pytest.mark.slow
 def test_one_search_killed_at_every_moment_in_turn_then_resumed_loses_nothing(
     tmp_path: Path, shared_cache: Path
 ) -> None:
     """The whole matrix in one search: killed at each moment in the order a search meets them, resumed each time.
 
-    Every kill after the first hits a resumed search, so this also shows that a resume survives being killed.
+    Killed first while still starting (nothing written: `--resume` says so, and it starts afresh); every
+    later kill hits a resumed search, so this also shows that a resume survives being killed.
     """
     env = {"TUNE_INAT_CACHE": str(shared_cache)}
     args = [*SMALL_SEARCH, "--results", "results", "--name", "hurt"]
     folder = tmp_path / "results" / "hurt"
+    _killed_while_starting_then_started_afresh(args, folder, tmp_path, env)
     written_before_kills, caught_in_memory = [], {}
     process = start_search(args, tmp_path, env)
     for moment, reached in MOMENTS.items():
@@ -162,23 +176,6 @@ def test_resume_from_a_saved_state_that_names_a_checkpoint_ray_had_deleted(tmp_p
     warnings = [line for line in resumed.stderr.splitlines() if "deleted just before the search stopped" in line]
     assert len(warnings) >= 1 and "resumes from its newest checkpoint" in warnings[0], resumed.stderr[-3000:]
     assert_complete(folder, TRIALS, EPOCHS)
-
-
-@pytest.mark.slow
-def test_killed_before_anything_was_written_says_how_to_start_afresh(tmp_path: Path, shared_cache: Path) -> None:
-    env = {"TUNE_INAT_CACHE": str(shared_cache)}
-    args = [*SMALL_SEARCH, "--results", "results", "--name", "early"]
-    process = start_search(args, tmp_path, env)
-    time.sleep(0.5)  # still importing: nothing of the search exists yet
-    kill_group(process)
-    assert not (tmp_path / "results" / "early" / "search.json").exists()
-    resumed = run_cli("tune_inat.search", *args, "--resume", env=env, cwd=tmp_path)
-    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
-    assert resumed.returncode == 2 and len(errors) == 1 and "Traceback" not in resumed.stderr
-    assert "nothing to resume" in errors[0] and "without --resume" in errors[0]
-    afresh = run_cli("tune_inat.search", *args, env=env, timeout=600, cwd=tmp_path)
-    assert afresh.returncode == 0, afresh.stderr[-3000:]
-    assert_complete(tmp_path / "results" / "early", TRIALS, EPOCHS)
 
 
 def test_local_checkpoint_copies_of_killed_workers_are_removed(tmp_path: Path) -> None:

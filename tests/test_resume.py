@@ -55,7 +55,9 @@ def _wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: fl
 def test_interrupted_search_resumes_without_losing_or_doubling_rows(
     how: str, tmp_path: Path, shared_cache: Path
 ) -> None:
-    env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    secret = "k" * 40  # a wandb API key: must never reach the results
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_API_KEY": secret}
+    env = {**os.environ, "TUNE_INAT_CACHE": str(shared_cache), "PYTHONUNBUFFERED": "1", **wandb_env}
     args = [*SEARCH, "--results", "results"]  # relative, as the README's demo command leaves it
     process = subprocess.Popen(
         [sys.executable, "-m", "tune_inat.search", *args],
@@ -83,7 +85,7 @@ def test_interrupted_search_resumes_without_losing_or_doubling_rows(
         "tune_inat.search",
         *args,
         "--resume",
-        env={"TUNE_INAT_CACHE": str(shared_cache), "WANDB_MODE": "offline"},
+        env={"TUNE_INAT_CACHE": str(shared_cache), **wandb_env},
         timeout=600,
         cwd=tmp_path,
     )
@@ -92,6 +94,9 @@ def test_interrupted_search_resumes_without_losing_or_doubling_rows(
     trials = pd.read_parquet(folder / "trials.parquet")
     assert len(trials) == 3 and (trials["status"] == "completed").all()
     assert len(epochs) == 3 * 3 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    for path in folder.rglob("*"):  # Parquet, wandb's offline runs, Ray's state
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
     # rows written before the interruption are still there, and epochs already trained were not trained again
     merged = before.merge(epochs, on=["trial_id", "epoch"], suffixes=("_before", "_after"))
     assert len(merged) == len(before)
