@@ -48,7 +48,11 @@ def test_cuda_batches_make_the_cpu_crops_from_pinned_memory_and_stop_cleanly() -
     from tune_inat.data.batches import Augmentation, DeviceBatches
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (96, 64, 64, 3), dtype=np.uint8)
+    # smooth images, as photos are (on pixel noise the GPU's grid_sample and the antialiased CPU resize differ by
+    # design: mean 0.096 on an H200)
+    coarse = torch.from_numpy(rng.integers(0, 256, (96, 3, 8, 8)).astype(np.float32))
+    smooth = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
+    images = smooth.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     labels = rng.integers(0, 10, 96).astype(np.int64)
     common = dict(batch_size=16, image_size=48, train=True, seed=3, augmentation=Augmentation(True, 0.3, True, 0.0))
     on_gpu = DeviceBatches(images, labels, np.arange(96), device=CUDA, **common)
@@ -140,8 +144,9 @@ PEAK_PROBE = textwrap.dedent("""
     from tune_inat.settings import TrainConfig
     root, cache, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     data = prepare_train_val(DataConfig(root, cache, progress=False), 224)
-    run = FineTuning(TrainConfig(backbone="resnet50", weights="none", image_size=224, freeze_fraction=0.0,
-                                 batch_size=batch, epochs=1, augment=False, frozen_features=False), data, "cuda")
+    settings = TrainConfig(backbone="resnet50", weights="none", image_size=224, freeze_fraction=0.0,
+                           batch_size=batch, epochs=1, augment=False, frozen_features=False)
+    run = FineTuning(settings, data, torch.device("cuda"))
     run.run_epoch()
     total = torch.cuda.get_device_properties(0).total_memory
     print(json.dumps({"peak": torch.cuda.max_memory_allocated(), "total": total}))
@@ -274,7 +279,8 @@ def test_frozen_features_in_float16_match_the_uncached_logits(demo_224) -> None:
     with torch.inference_mode(), torch.autocast("cuda", dtype=cached.precision.dtype):
         direct = cached.model(images).float()
         through_cache = suffix(features).float()
-    assert torch.allclose(direct, through_cache, atol=5e-2, rtol=5e-2)
+    # half precision through two graph splits: logits of about +-25 differ by up to about 0.1 (seen on an H200)
+    assert (direct - through_cache).abs().max() <= 0.02 * direct.abs().max()
     assert (direct.argmax(1) == through_cache.argmax(1)).float().mean() > 0.95
 
 
