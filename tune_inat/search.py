@@ -422,9 +422,9 @@ def recover_replaced_checkpoints(place: SearchPlace) -> None:
     if not is_local(place.experiment):
         return  # object storage: no renames there; Ray fails such a trial and says why
     for trial in saved_trials(place):
-        if trial.checkpoint is None or Path(trial.checkpoint.path).exists():
+        latest = Path(trial.checkpoint.path) if trial.checkpoint is not None else None
+        if latest is None or latest.exists():
             continue
-        latest = Path(trial.checkpoint.path)
         newer = sorted(path for path in latest.parent.glob("checkpoint_*") if path.name > latest.name)
         if not newer:
             continue  # nothing later to continue from: Ray fails the trial and says why
