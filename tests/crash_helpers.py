@@ -33,9 +33,9 @@ SMALL_SEARCH = [
 ]
 
 
-def start_search(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`python -m tune_inat.search ARGS` in its own process group (so the test can kill all of it)."""
-    return subprocess.Popen(
+def start_search(args: list[str], cwd: Path, env: dict[str, str], cpus: set[int] | None = None) -> subprocess.Popen:
+    """`python -m tune_inat.search ARGS` in its own process group (so the test can kill all of it), on `cpus`."""
+    process = subprocess.Popen(
         [sys.executable, "-m", "tune_inat.search", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
@@ -44,6 +44,9 @@ def start_search(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.
         text=True,
         start_new_session=True,
     )
+    if cpus:  # before it starts Ray, whose processes inherit it
+        os.sched_setaffinity(process.pid, cpus)
+    return process
 
 
 def wait_until(
@@ -116,29 +119,35 @@ def assert_complete(folder: Path, trials: int, epochs: int) -> None:
     assert set(table["trial_id"]) == set(finished["trial_id"])
 
 
-def read_tables_until(folder: str, stop_file: str) -> dict:
+OUTCOME_COLUMNS = ["trial_id", "status", "best_score", "epochs_run"]
+
+
+def read_tables_until(folder: str, stop_file: str, cpus: set[int] | None = None) -> dict:
     """A reader of a running search's tables, in a no-sleep loop from its first rows until `stop_file` exists.
 
-    `trials.parquet` (the table that gains rows as trials end) every time through pyarrow (which pandas reads
-    through), pandas itself and `epochs.parquet` every tenth time. Run in processes of its own, several at once, as
-    notebooks reading a running search would; at the CPU priority Ray gives its trials (15), which a busy reader at
-    the default priority would starve.
+    `trials.parquet` (the table that gains rows as trials end) every time: its outcome columns through pyarrow (which
+    pandas reads through), as a notebook watching the search would, and all of it through pandas every tenth time;
+    `epochs.parquet` (many more parts) every hundredth. Run in processes of its own, several at once, on `cpus`
+    (the search on others: how much each gets then does not depend on how the machine's scheduler weighs them).
     """
     import pyarrow.parquet as pq
 
-    os.nice(15)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     while not os.path.exists(os.path.join(folder, "epochs.parquet")) and not os.path.exists(stop_file):
         time.sleep(0.05)
     reads, failures, shapes, trial_counts = 0, [], set(), set()
     while not os.path.exists(stop_file):
-        tables = ["trials.parquet", "epochs.parquet"] if reads % 10 == 0 else ["trials.parquet"]
+        tables = ["trials.parquet", "epochs.parquet"] if reads % 100 == 0 else ["trials.parquet"]
         for table in tables:
             path = os.path.join(folder, table)
             if not os.path.exists(path):
                 continue
             try:
-                frame = pd.read_parquet(path) if reads % 10 == 0 else pq.read_table(path)
-                shapes.add((table, frame.shape[1]))
+                whole = reads % 10 == 0 or table == "epochs.parquet"
+                frame = pd.read_parquet(path) if whole else pq.read_table(path, columns=OUTCOME_COLUMNS)
+                if whole:
+                    shapes.add((table, frame.shape[1]))
                 if table == "trials.parquet":
                     trial_counts.add(frame.shape[0])
                 reads += 1

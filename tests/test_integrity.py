@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -298,6 +299,12 @@ def test_damaged_checkpoint_fails_its_trial_with_one_line(finished, tmp_path: Pa
 # -- readers never see half a table ---------------------------------------------------------------
 
 
+def _split_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """One of this process's cores for the search, the others for its readers (none where there is only one)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else (None, None)
+
+
 def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked(tmp_path: Path) -> None:
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}
     args = [
@@ -305,24 +312,28 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
         "--num-samples",
         "6",
         "--max-epochs",
-        "2",
+        "6",
+        "--max-concurrent-trials",
+        "1",
         "--results",
         str(tmp_path / "results"),
         "--name",
         "read",
     ]
     folder = tmp_path / "results" / "read"
-    process = start_search(args, tmp_path, env)
+    # the search (one trial at a time) on one core, two readers on the other: reading in a no-sleep loop, in
+    # processes of their own, as notebooks watching the search would
+    search_cpus, reader_cpus = _split_cpus()
+    process = start_search(args, tmp_path, env, search_cpus)
     wait_until(lambda: (folder / "search.json").exists(), process)
     for extra in ([], ["--resume"]):  # a second search, or a resume, on the running search's name
         second = run_cli("tune_inat.search", *args, *extra, env=env, cwd=tmp_path)
         error = _one_error(second.stderr)
         assert second.returncode == 2 and "search read is already running" in error
         assert f"pid {process.pid}" in error and "host" in error
-    # two readers in processes of their own, reading in a no-sleep loop while the search runs
     stop_file = tmp_path / "stop-reading"
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as readers:
-        seen = [readers.submit(read_tables_until, str(folder), str(stop_file)) for _ in range(2)]
+        seen = [readers.submit(read_tables_until, str(folder), str(stop_file), reader_cpus) for _ in range(2)]
         try:
             out, err = process.communicate()
         finally:
@@ -335,11 +346,11 @@ def test_tables_read_in_a_loop_during_a_search_never_fail_and_its_name_is_locked
     shapes = set().union(*(reader["shapes"] for reader in seen))
     print(f"{reads} reads while the search ran ({', '.join(str(reader['reads']) for reader in seen)})")
     # tens of thousands of reads, and they saw the table grow several times: the reads raced the writes
-    assert reads >= 20_000 and len(trial_counts) >= 3 and not failures, (reads, sorted(trial_counts), failures[:3])
+    assert reads >= 20_000 and len(trial_counts) >= 3 and not failures, (reads, sorted(trial_counts), failures)
     assert (
         len({columns for table, columns in shapes if table == "trials.parquet"}) == 1
     )  # never a table without its columns
-    assert_complete(folder, 6, 2)  # the refused searches took nothing of it
+    assert_complete(folder, 6, 6)  # the refused searches took nothing of it
 
 
 def test_results_folder_deleted_mid_search_is_said_and_rewritten(tmp_path: Path) -> None:
