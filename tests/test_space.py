@@ -65,7 +65,7 @@ def test_wandb_distributions_map_to_tune_domains() -> None:
     assert spec.options.num_samples == 5 and spec.searcher == "random"
 
 
-def test_hyperband_maps_to_asha_and_tune_inat_block_to_options() -> None:
+def test_hyperband_maps_to_wandbs_bands_and_tune_inat_block_to_options() -> None:
     spec = parse_space(
         {
             "parameters": {"backbone": {"value": "resnet18"}, "epochs": {"value": 9}},
@@ -75,7 +75,10 @@ def test_hyperband_maps_to_asha_and_tune_inat_block_to_options() -> None:
         "inline",
     )
     o = spec.options
-    assert (o.scheduler, o.scheduler_options) == ("asha", {"grace_period": 2, "reduction_factor": 4.0})
+    assert (o.scheduler, o.scheduler_options) == (
+        "hyperband",
+        {"min_iter": 2, "max_iter": 0, "s": 0, "eta": 4.0, "strict": 1},
+    )
     assert (o.gpus_per_trial, o.cpus_per_trial, o.time_budget_s, o.seed) == (0.5, 3, 5400, 7)
     assert spec.max_epochs == 9 and spec.searcher == "optuna"
 

@@ -43,6 +43,7 @@ class Backbone:
     channels_last: bool = True  # a convolutional net: NHWC memory format on CUDA
     fixed_input_size: bool = False  # built for one input size (ViT): image_size is a constructor argument
     builder: str = ""  # torchvision model name; empty: the same as `name`
+    last_block: str = ""  # the module where "the last block" begins (freeze_form last_block trains it and after)
 
     @property
     def torchvision_name(self) -> str:
@@ -133,6 +134,26 @@ def vit_stages(net: Any) -> list:
     return [ViTEmbed(net), ViTPositions(net.encoder), *net.encoder.layers, net.encoder.ln, ClassToken(), *net.heads]
 
 
+def densenet_stages(net: Any) -> list:
+    from torch import nn
+
+    return [*net.features.children(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), _flatten(), net.classifier]
+
+
+def mobilenet_v2_stages(net: Any) -> list:
+    from torch import nn
+
+    return [*net.features, nn.AdaptiveAvgPool2d(1), _flatten(), *net.classifier]
+
+
+def swin_stages(net: Any) -> list:
+    return [*_expand(net.features), net.norm, net.permute, net.avgpool, net.flatten, net.head]
+
+
+def regnet_stages(net: Any) -> list:
+    return [net.stem, *net.trunk_output, net.avgpool, _flatten(), net.fc]
+
+
 def googlenet_stages(net: Any) -> list:
     return [
         *_input_transform(net),
@@ -189,10 +210,11 @@ def inception_v3_stages(net: Any) -> list:
 
 # -- the shipped backbones ------------------------------------------------------------------------
 
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register(Backbone(_name, 224, head="fc", stages=resnet_stages))
-for _name in ("vgg16", "vgg16_bn"):
-    register(Backbone(_name, 224, head="classifier.6", stages=vgg_stages))
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"):
+    register(Backbone(_name, 224, head="fc", stages=resnet_stages, last_block="layer4"))
+register(Backbone("vgg16", 224, head="classifier.6", stages=vgg_stages, last_block="features.24"))
+register(Backbone("vgg16_bn", 224, head="classifier.6", stages=vgg_stages, last_block="features.34"))
+register(Backbone("alexnet", 224, head="classifier.6", stages=vgg_stages, min_size=64, last_block="features.10"))
 register(
     Backbone(
         "googlenet",
@@ -201,6 +223,7 @@ register(
         stages=googlenet_stages,
         aux_weight=0.3,
         aux=(AuxBranch("aux1", "aux1.fc2", "inception4a"), AuxBranch("aux2", "aux2.fc2", "inception4d")),
+        last_block="inception5a",
     )
 )
 register(
@@ -213,22 +236,49 @@ register(
         aux_min_size=299,
         min_size=75,
         aux=(AuxBranch("AuxLogits", "AuxLogits.fc", "Mixed_6e"),),
+        last_block="Mixed_7a",
     )
 )
-register(Backbone("efficientnet_v2_s", 384, head="classifier.1", stages=features_classifier_stages))
-register(Backbone("efficientnet_v2_m", 480, head="classifier.1", stages=features_classifier_stages))
-register(Backbone("efficientnet_b0", 224, head="classifier.1", stages=features_classifier_stages))
-register(Backbone("convnext_tiny", 224, head="classifier.2", stages=convnext_stages))
+register(
+    Backbone("efficientnet_v2_s", 384, head="classifier.1", stages=features_classifier_stages, last_block="features.6")
+)
+register(
+    Backbone("efficientnet_v2_m", 480, head="classifier.1", stages=features_classifier_stages, last_block="features.7")
+)
+register(
+    Backbone("efficientnet_b0", 224, head="classifier.1", stages=features_classifier_stages, last_block="features.7")
+)
+register(
+    Backbone("efficientnet_b3", 300, head="classifier.1", stages=features_classifier_stages, last_block="features.7")
+)
+register(Backbone("convnext_tiny", 224, head="classifier.2", stages=convnext_stages, last_block="features.7"))
+register(Backbone("convnext_small", 224, head="classifier.2", stages=convnext_stages, last_block="features.7"))
+register(Backbone("densenet121", 224, head="classifier", stages=densenet_stages, min_size=32, last_block="features.denseblock4"))
+register(Backbone("mobilenet_v2", 224, head="classifier.1", stages=mobilenet_v2_stages, last_block="features.17"))
+register(Backbone("regnet_y_800mf", 224, head="fc", stages=regnet_stages, last_block="trunk_output.block4"))
+register(
+    Backbone("swin_t", 224, head="head", stages=swin_stages, size_multiple=32, channels_last=False, last_block="features.7")
+)
+for _name, _patch in (("vit_b_16", 16), ("vit_b_32", 32)):
+    register(
+        Backbone(
+            _name,
+            224,
+            head="heads.head",
+            stages=vit_stages,
+            size_multiple=_patch,
+            channels_last=False,
+            fixed_input_size=True,
+            last_block="encoder.layers.encoder_layer_11",
+        )
+    )
 register(
     Backbone(
-        "vit_b_16",
-        224,
-        head="heads.head",
-        stages=vit_stages,
-        size_multiple=16,
-        channels_last=False,
-        fixed_input_size=True,
+        "mobilenet_v3_small", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.12"
     )
 )
-register(Backbone("mobilenet_v3_small", 224, head="classifier.3", stages=features_classifier_stages))
-register(Backbone("mobilenet_v3_large", 224, head="classifier.3", stages=features_classifier_stages))
+register(
+    Backbone(
+        "mobilenet_v3_large", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.16"
+    )
+)

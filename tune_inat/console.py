@@ -27,6 +27,14 @@ def clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+ENDED = ("TERMINATED", "ERROR")  # Ray's statuses of a trial that will not run again in this search
+
+
+def unfinished_trials(trials: list) -> list:
+    """The trials not ended (running, waiting at a rung, to start): one definition for the status block and exit code."""
+    return [t for t in trials if t.status not in ENDED]
+
+
 def trial_label(trial: Any) -> str:
     """ "8 (aca041df)": the number of its folder, and the id the tables use."""
     number = trial.experiment_tag.split("_", 1)[0]
@@ -70,8 +78,9 @@ class StatusReporter(ProgressReporter):
     def block(self, trials: list, done: bool = False) -> list[str]:
         """The lines of one status block."""
         elapsed = time.monotonic() - self._start
-        counts = {status: sum(t.status == status for t in trials) for status in ("RUNNING", "PAUSED", "PENDING")}
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        left = unfinished_trials(trials)
+        counts = {status: sum(t.status == status for t in left) for status in ("RUNNING", "PAUSED", "PENDING")}
+        ended = [t for t in trials if t.status in ENDED]
         failed = sum(t.status == "ERROR" for t in ended)
         stopped = sum(
             t.status == "TERMINATED" and (t.last_result or {}).get("epoch", 0) < self.max_epochs for t in ended

@@ -29,7 +29,7 @@ from tune_inat.data.dataset import TrainValData
 from tune_inat.errors import UserError
 from tune_inat.features import FeatureBatches, feature_key, prefix_outputs
 from tune_inat.host_memory import reuse_freed_memory
-from tune_inat.models import FineTuneModel, build_model, parameter_groups
+from tune_inat.models import FineTuneModel, HeadSpec, build_model, parameter_groups
 from tune_inat.settings import TrainConfig
 
 
@@ -76,7 +76,8 @@ def build_optimizer(model: FineTuneModel, config: TrainConfig) -> torch.optim.Op
     groups = parameter_groups(model, config.lr, config.backbone_lr_scale, config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop}
+    return optimizers[config.optimizer](groups, lr=config.lr)  # weight decay per group (none on norms and biases)
 
 
 def warmup_cosine(
@@ -178,7 +179,13 @@ class FineTuning:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model = build_model(
-            config.backbone, len(data.classes), config.weights, config.image_size, config.freeze_fraction
+            config.backbone,
+            len(data.classes),
+            config.weights,
+            config.image_size,
+            config.freeze_fraction,
+            freeze_form=config.freeze_form,
+            head=HeadSpec(config.dropout, config.head_hidden),
         )
         channels_last = device.type == "cuda" and get_backbone(config.backbone).channels_last
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

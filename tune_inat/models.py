@@ -15,11 +15,13 @@ BatchNorm layers in the frozen part stay in eval mode, so their running statisti
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import math
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,10 @@ class FineTuneModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def frozen_parameter_share(self) -> float:
+        """The share of the model's parameters that do not train: what a freeze form or fraction came to."""
+        return 1.0 - self.num_trainable_parameters() / self.num_parameters()
+
     def head_parameter_names(self) -> set[str]:
         """Parameters of the new head and of the auxiliary heads: they train at the full `lr`."""
         backbone = get_backbone(self.backbone)
@@ -136,9 +142,26 @@ def _main_logits(outputs: Any) -> torch.Tensor:
     return outputs[0] if isinstance(outputs, tuple) else outputs  # torchvision's aux namedtuples
 
 
-def _replace_linear(net: nn.Module, path: str, num_classes: int) -> None:
+@dataclass(frozen=True)
+class HeadSpec:
+    """The new classifier: dropout before it, and optionally one hidden layer (the users' dense_size)."""
+
+    dropout: float = 0.0
+    hidden: int = 0
+
+    def build(self, in_features: int, num_classes: int) -> nn.Module:
+        if not self.dropout and not self.hidden:
+            return nn.Linear(in_features, num_classes)
+        layers: list[nn.Module] = [nn.Dropout(self.dropout)] if self.dropout else []
+        if self.hidden:
+            layers += [nn.Linear(in_features, self.hidden), nn.ReLU(inplace=True)]
+            layers += [nn.Dropout(self.dropout)] if self.dropout else []
+        return nn.Sequential(*layers, nn.Linear(self.hidden or in_features, num_classes))
+
+
+def _replace_linear(net: nn.Module, path: str, num_classes: int, head: HeadSpec = HeadSpec()) -> None:
     old = net.get_submodule(path)
-    net.set_submodule(path, nn.Linear(old.in_features, num_classes))
+    net.set_submodule(path, head.build(old.in_features, num_classes))
 
 
 def parameterised_modules(net: nn.Module, backbone: Backbone) -> list[str]:
@@ -152,11 +175,68 @@ def parameterised_modules(net: nn.Module, backbone: Backbone) -> list[str]:
     ]
 
 
-def freeze_prefix(net: nn.Module, modules: list[str], fraction: float) -> list[str]:
-    """Freeze the first floor(fraction * len(modules)) modules; return their names."""
+def blocks(net: nn.Module, backbone: Backbone) -> list[nn.Module]:
+    """The backbone's blocks, in forward order: the stages of its registry entry that hold parameters, head excluded.
+
+    What a freeze count means ("freeze the first 5", "leave the last 2 trainable"): resnet50 has 18
+    (conv1, bn1 and its 16 bottlenecks), vgg16 13 convolutions, vit_b_16 15 (embedding, positions,
+    12 encoder layers, final norm).
+    """
+    head = net.get_submodule(backbone.head)
+    return [
+        stage for stage in backbone.stages(net)[:-1] if stage is not head and any(True for _ in stage.parameters())
+    ]
+
+
+def frozen_module_count(net: nn.Module, backbone: Backbone, modules: list[str], fraction: float, form: str) -> int:
+    """How many of `modules` (parameterised, forward order) a freeze form freezes; `fraction` when form is ''."""
+    kind, _, value = form.partition(":")
+    if form in ("", "head_only", "all", "partial") or kind in ("trainable", "frozen"):
+        if form in ("", "head_only", "all"):
+            share = {"head_only": 1.0, "all": 0.0}.get(form, fraction)
+            return math.floor(share * len(modules) + 1e-9)
+        stages = blocks(net, backbone)
+        count = {"partial": len(stages) // 2, "frozen": int(value or 0)}.get(kind, len(stages) - int(value or 0))
+        count = min(max(count, 0), len(stages))
+        if count == len(stages):
+            return len(modules)
+        first_trained = {id(p) for p in stages[count].parameters()}
+        return next(i for i, name in enumerate(modules) if _owns_any(net, name, first_trained))
+    layer = backbone.last_block if form == "last_block" else value
+    index = next((i for i, name in enumerate(modules) if name == layer or name.startswith(layer + ".")), None)
+    if index is None:
+        raise UserError(
+            f"{backbone.name} has no layer {layer!r} to unfreeze from; its layers: {', '.join(layer_names(net, backbone))}"
+        )
+    return index
+
+
+def _owns_any(net: nn.Module, name: str, parameter_ids: set[int]) -> bool:
+    return any(id(p) in parameter_ids for p in net.get_submodule(name).parameters(recurse=False))
+
+
+def layer_names(net: nn.Module, backbone: Backbone) -> list[str]:
+    """The names a user can unfreeze from: the top-level modules and their direct children that hold parameters."""
+    names = []
+    for name, module in net.named_modules():
+        if name and name.count(".") <= 1 and not name.startswith(backbone.head) and any(True for _ in module.parameters()):
+            names.append(name)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def layer_names_of(name: str) -> tuple[str, ...]:
+    """Every module name of backbone `name` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        net = tv_models.get_model(get_backbone(name).torchvision_name, weights=None)
+    return tuple(n for n, _ in net.named_modules() if n)
+
+
+def freeze_prefix(net: nn.Module, modules: list[str], fraction: float, count: int | None = None) -> list[str]:
+    """Freeze the first `count` modules (default floor(fraction * len(modules))); return their names."""
     if not 0.0 <= fraction <= 1.0:
         raise UserError(f"freeze_fraction must be in [0, 1], got {fraction}")
-    frozen = modules[: math.floor(fraction * len(modules) + 1e-9)]
+    frozen = modules[: math.floor(fraction * len(modules) + 1e-9) if count is None else count]
     for name in frozen:
         for param in net.get_submodule(name).parameters(recurse=False):
             param.requires_grad_(False)
@@ -223,6 +303,8 @@ def build_model(
     image_size: int | None = None,
     freeze_fraction: float = 0.0,
     auxiliary_heads: bool = True,
+    freeze_form: str = "",
+    head: HeadSpec = HeadSpec(),
 ) -> FineTuneModel:
     """Build `name` with a fresh `num_classes` head and the first `freeze_fraction` of it frozen.
 
@@ -234,12 +316,15 @@ def build_model(
     check_image_size(name, image_size)
     if num_classes < 2:
         raise UserError(f"need at least 2 classes, got {num_classes}")
-    use_aux = auxiliary_heads and bool(backbone.aux) and freeze_fraction < 1.0 and image_size >= backbone.aux_min_size
+    head_only = freeze_form == "head_only" or (not freeze_form and freeze_fraction >= 1.0)
+    use_aux = auxiliary_heads and bool(backbone.aux) and not head_only and image_size >= backbone.aux_min_size
     net = _load_torchvision(backbone, weights, image_size, aux=use_aux)
     if backbone.fixed_input_size and weights != "none" and image_size != net.image_size:
         net = _resize_fixed_input(net, backbone, image_size)
-    _replace_linear(net, backbone.head, num_classes)
-    frozen = freeze_prefix(net, parameterised_modules(net, backbone), freeze_fraction)
+    _replace_linear(net, backbone.head, num_classes, head)
+    modules = parameterised_modules(net, backbone)
+    count = frozen_module_count(net, backbone, modules, freeze_fraction, freeze_form)
+    frozen = freeze_prefix(net, modules, freeze_fraction, count)
     for branch in backbone.aux if use_aux else ():
         _replace_linear(net, branch.head, num_classes)
         if not any(p.requires_grad for p in net.get_submodule(branch.attached_to).parameters()):
@@ -310,7 +395,11 @@ def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
     classes, state = payload["classes"], payload["state_dict"]
     if not isinstance(classes, list) or len(classes) < 2 or not isinstance(state, dict):
         raise UserError(f"{path} is damaged: its class list or weights are not what a model file holds")
-    model = build_model(payload["backbone"], len(classes), "none", payload["image_size"], auxiliary_heads=False)
+    saved = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    head = HeadSpec(float(saved.get("dropout", 0.0)), int(saved.get("head_hidden", 0)))
+    model = build_model(
+        payload["backbone"], len(classes), "none", payload["image_size"], auxiliary_heads=False, head=head
+    )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -377,9 +466,14 @@ def models_parser() -> argparse.ArgumentParser:
 
 def models_command(args: argparse.Namespace) -> int:
     if args.command == "list":
+        from tune_inat.vocabulary import BACKBONE_FAMILIES
+
         for name, backbone in BACKBONES.items():
             cached = "cached" if is_weights_cached(name) else "not cached"
-            print(f"{name:20s} native {backbone.native_size} px   ImageNet weights {cached}")
+            families = sorted(family for family, chosen in BACKBONE_FAMILIES.items() if chosen == name)
+            also = f"   also read from: {', '.join(families)}" if families else ""
+            print(f"{name:20s} native {backbone.native_size} px   ImageNet weights {cached}{also}")
+        print("names are read in any case and spelling (ResNet50, EfficientNet-V2-S); the README's vocabulary table")
         return 0
     fetch_weights(args.backbones, random_init_hint="weights: none")
     print(f"ImageNet weights of {', '.join(args.backbones)} in {torch.hub.get_dir()}/checkpoints")

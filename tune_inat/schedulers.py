@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 
 
 class OrderedASHA(ASHAScheduler):
@@ -112,11 +113,22 @@ class OrderedASHA(ASHAScheduler):
                     del self._waiting[trial_id]
                     progress = True
                     if super().on_trial_result(tune_controller, trial, result) == TrialScheduler.STOP:
-                        tune_controller.stop_trial(trial)
+                        stop_paused_trial(tune_controller, trial)
                     else:
                         self._resume.add(trial_id)
         finally:
             self._settling = False
+
+
+def stop_paused_trial(tune_controller: Any, trial: Trial) -> None:
+    """Stop a trial that waits paused (it has no actor), and make Ray save its new status.
+
+    Ray 2.60's `stop_trial` marks a trial's saved state for rewriting only when it stops a live actor:
+    a paused trial becomes TERMINATED in the run but stays PAUSED in the experiment state it saves, so
+    a finished search read back looked unfinished (exit 130) and a resume would have run it again.
+    """
+    tune_controller.stop_trial(trial)
+    tune_controller._mark_trial_to_checkpoint(trial)  # Ray's own hook for "this trial's saved state changed"
 
 
 class PASHA(ASHAScheduler):
@@ -174,3 +186,36 @@ class PASHA(ASHAScheduler):
                 ):
                     return True
         return False
+
+
+class BandBracket(_Bracket):
+    """ASHA's bracket at W&B's band epochs, keeping W&B's share: at a band a trial goes on unless its value is
+    below the value ranked int(n / eta) among the n trials that reached the band (itself included)."""
+
+    def __init__(self, milestones: list[int], eta: float, strict: bool) -> None:
+        self.rf = eta
+        self._rungs = [(milestone, {}) for milestone in sorted(milestones, reverse=True)]
+        self._stop_last_trials = True
+        self._strict = strict
+        self._best: dict[str, float] = {}  # best value so far of each trial (W&B's non-strict condition)
+
+    def on_result(self, trial: Trial, cur_iter: int, cur_rew: float | None) -> str:
+        if cur_rew is not None:
+            self._best[trial.trial_id] = max(self._best.get(trial.trial_id, cur_rew), cur_rew)
+        for milestone, recorded in self._rungs:
+            if cur_iter < milestone or trial.trial_id in recorded:
+                continue
+            if cur_rew is None:
+                return TrialScheduler.CONTINUE
+            recorded[trial.trial_id] = cur_rew
+            ranked = sorted(recorded.values(), reverse=True)
+            threshold = ranked[int(len(ranked) / self.rf)]
+            condition = cur_rew if self._strict else self._best[trial.trial_id]
+            return TrialScheduler.STOP if condition < threshold else TrialScheduler.CONTINUE
+        return TrialScheduler.CONTINUE
+
+
+def use_bands(scheduler: ASHAScheduler, milestones: list[int], eta: float, strict: bool) -> ASHAScheduler:
+    """Make a one-bracket ASHA (or OrderedASHA) decide at W&B's bands by W&B's rule."""
+    scheduler._brackets = [BandBracket(milestones, eta, strict)]
+    return scheduler

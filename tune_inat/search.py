@@ -255,11 +255,13 @@ class SearchOutcome:
 
     place: SearchPlace
     grid: Any  # Ray's ResultGrid, or None when nothing ran
-    unfinished: int  # trials left to run (interrupted)
+    unfinished: int  # trials left to run: not ended in Ray's saved state, or never started
     unwritten: int  # result rows that could not be written
     unwritten_message: str = ""
     state_not_saved: str = ""  # why Ray could not save its experiment state (so `unfinished` may be stale)
     folder_lost: bool = False  # the results folder was deleted while the search ran
+    interrupted: bool = False  # Ray caught a stop signal (Ctrl-C, SIGINT, SIGUSR1) and ended the run early
+    left: tuple[str, ...] = ()  # the unfinished trials as Ray saved them: "trial 3 (1a2b3c4d) PAUSED"
 
 
 class StateSaveFailures(logging.Handler):
@@ -273,6 +275,18 @@ class StateSaveFailures(logging.Handler):
         if "Saving experiment state" in record.getMessage() or "snapshotting failed" in record.getMessage():
             error = record.exc_info[1] if record.exc_info else None
             self.reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200] if error else "unknown"
+
+
+class StopSignals(logging.Handler):
+    """Notes that Ray's Tune caught a stop signal: it ends the run early and returns as if it had finished."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.caught = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            self.caught = True
 
 
 def param_space(spec: SearchSpec) -> dict[str, Any]:
@@ -500,6 +514,7 @@ def execute(
     from ray import tune
 
     from tune_inat.callbacks import complete_results, unwritten_message
+    from tune_inat.console import trial_label, unfinished_trials
     from tune_inat.trainable import TrialContext, fine_tune_trial
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
@@ -524,8 +539,13 @@ def execute(
     else:
         write_search_record(place.results, search_record(spec, data_config, place))
         tuner = build_tuner(spec, trainable, place, resources, wandb_project=wandb_project, verbose=verbose)
-    state_failures = StateSaveFailures()
-    logging.getLogger("ray.tune").addHandler(state_failures)
+    state_failures, stop_signals = StateSaveFailures(), StopSignals()
+    for handler in (state_failures, stop_signals):
+        logging.getLogger("ray.tune").addHandler(handler)
+    signal_log = logging.getLogger("ray.tune.tune")  # where Tune's signal handler logs, at WARNING
+    signal_log_level = signal_log.level
+    if signal_log.getEffectiveLevel() > logging.WARNING:  # a quiet Ray would not even create the record
+        signal_log.setLevel(logging.WARNING)  # Ray's own handler still hides it (OnlyCritical) unless --verbose
     try:
         grid = tuner.fit()
     except (EOFError, pickle.UnpicklingError) as err:
@@ -539,13 +559,16 @@ def execute(
         )
         grid = None
     finally:
-        logging.getLogger("ray.tune").removeHandler(state_failures)
+        signal_log.setLevel(signal_log_level)
+        for handler in (state_failures, stop_signals):
+            logging.getLogger("ray.tune").removeHandler(handler)
     folder_lost = not place.has(place.results, SEARCH_RECORD_FILE)
     if folder_lost:  # deleted under the running search: the record at least is written again
         write_search_record(place.results, search_record(spec, data_config, place))
     trials = saved_trials(place)
     results = complete_results(place.results, place.name, spec.metric, spec.mode, trials)
-    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    left = unfinished_trials(trials)
+    unfinished = len(left)
     if not spec.expands_grid and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
     # A failed save matters only if the saved state is behind: one that shows every trial ended was written after
@@ -559,10 +582,47 @@ def execute(
         unwritten_message(results) if results.pending else "",
         state_failures.reason if state_behind else "",
         folder_lost,
+        stop_signals.caught,
+        tuple(f"trial {trial_label(t)} {t.status}" for t in left),
     )
 
 
 # -- after the search ------------------------------------------------------------------------------
+
+
+def exit_status(outcome: SearchOutcome, budget_spent: bool, resume_hint: str) -> tuple[int, str]:
+    """The exit code of an ended run and its message: 0 only when every trial ended and every row is written.
+
+    130 means a stop signal ended it early; a trial Ray left unfinished without one is a failure of the
+    search (exit 1), named with the state Ray saved for it.
+    """
+    place = outcome.place
+    if outcome.unwritten:
+        return EXIT_SEARCH_FAILED, f"error: {outcome.unwritten_message}"
+    if outcome.folder_lost:
+        return EXIT_SEARCH_FAILED, (
+            f"error: the results folder {place.results} was deleted while the search ran; every row this run saw "
+            f"is written there again, but Ray's state in it is lost: start a new search to run the rest"
+        )
+    if outcome.state_not_saved:
+        return EXIT_SEARCH_FAILED, (
+            f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "
+            f"free space there, then continue with: {resume_hint}"
+        )
+    if not outcome.unfinished or budget_spent:
+        return 0, ""
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED, (
+            f"\ninterrupted with {outcome.unfinished} trials unfinished; results so far are in {place.results}\n"
+            f"resume with: {resume_hint}"
+        )
+    named = ", ".join(outcome.left) or "none started"
+    never_started = outcome.unfinished - len(outcome.left)
+    return EXIT_SEARCH_FAILED, (
+        f"error: the search ended without an interrupt, but Ray saved {outcome.unfinished} trials as unfinished "
+        f"({named}{f'; {never_started} never started' if never_started and outcome.left else ''}); "
+        f"results so far are in {place.results}; run the rest with: {resume_hint}"
+    )
 
 
 def write_best_config(place: SearchPlace, mode: str) -> str | None:
@@ -735,6 +795,12 @@ def search_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue an interrupted search, with its saved space and settings (Tuner.restore)",
+    )
+    search.add_argument(
+        "--plan",
+        action="store_true",
+        help="show how the space file was read (each key -> our setting), the trials, the scheduler's rungs, "
+        "the resources and the most trial-epochs, then exit (no Ray, no training)",
     )
     search.add_argument(
         "--clean-checkpoints",
@@ -946,8 +1012,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(search_parser(), lambda args: search(args, list(sys.argv[1:] if argv is None else argv)), argv)
 
 
+def show_plan(args: argparse.Namespace) -> int:
+    """--plan: how the file was read and what the search would spend; exit 0, or 2 with every problem."""
+    from tune_inat.plan import plan_lines
+    from tune_inat.space import read_space_file
+
+    reading = read_space_file(args.space or ("demo" if args.demo else "default"))
+    spec = build_spec(args, base=reading.spec if args.space is None else None)
+    resources = plan_resources(spec, [local_node_resources()], warn=False)
+    print("\n".join(plan_lines(reading, spec, resources.cpus, resources.gpus, resources.max_concurrent)))
+    return 0
+
+
 def search(args: argparse.Namespace, argv: list[str]) -> int:
     """The whole job: claim, plan, prepare, run, complete, summarise; the exit code says how it went."""
+    if args.plan:
+        return show_plan(args)
     if not (args.data or args.demo or args.resume):
         raise UserError("one of --data DIR or --demo is required (or --resume, to continue a saved search)")
     quiet_ray_environment(args.verbose or args.debug)
@@ -1021,31 +1101,11 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
             return EXIT_INTERRUPTED
         finally:
             ray.shutdown()
-    if outcome.unwritten:
-        print(f"error: {outcome.unwritten_message}", file=sys.stderr)
-        return EXIT_SEARCH_FAILED
-    if outcome.folder_lost:
-        print(
-            f"error: the results folder {place.results} was deleted while the search ran; every row this run saw "
-            f"is written there again, but Ray's state in it is lost: start a new search to run the rest",
-            file=sys.stderr,
-        )
-        return EXIT_SEARCH_FAILED
-    if outcome.state_not_saved:
-        print(
-            f"error: Ray could not save the search's state to {place.experiment} ({outcome.state_not_saved}); "
-            f"free space there, then continue with: {resume_command(argv, name)}",
-            file=sys.stderr,
-        )
-        return EXIT_SEARCH_FAILED
-    budget_spent = spec.options.time_budget_s and time.monotonic() - start >= spec.options.time_budget_s
-    if outcome.unfinished and not budget_spent:
-        print(
-            f"\ninterrupted with {outcome.unfinished} trials unfinished; results so far are in {place.results}\n"
-            f"resume with: {resume_command(argv, name)}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+    budget_spent = bool(spec.options.time_budget_s) and time.monotonic() - start >= spec.options.time_budget_s
+    code, message = exit_status(outcome, budget_spent, resume_command(argv, name))
+    if code:
+        print(message, file=sys.stderr)
+        return code
     failed = failure(place)
     if failed:
         print(f"error: {failed}", file=sys.stderr)

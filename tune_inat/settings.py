@@ -7,6 +7,8 @@ neither torch nor Ray, so validating a space file or reading results stays light
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -16,8 +18,10 @@ import yaml
 
 from tune_inat.backbones import check_image_size, get_backbone
 from tune_inat.errors import UserError
+from tune_inat.vocabulary import KEY_ALIASES, VALUE_FLIPS, normalise_key
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "adam", "nadam", "rmsprop", "sgd")  # torch.optim's own
+FREEZE_NAMES = ("head_only", "all", "last_block", "partial")  # and from:LAYER, trainable:N, frozen:N
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,14 @@ class TrainConfig:
     weights: str = "imagenet"  # "imagenet", "none", or a path to a state_dict file
     image_size: int | None = None  # None: the backbone's native input size
     freeze_fraction: float = 0.8
+    freeze_form: str = ""  # freezing as a strategy, layer or count (see is_freeze_form); empty: freeze_fraction
     optimizer: str = "adamw"
     lr: float = 1e-3  # the head's; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.1
     weight_decay: float = 0.05
-    momentum: float = 0.9  # SGD only
+    momentum: float = 0.9  # SGD only (Adam, NAdam, RMSprop at torch's defaults)
+    dropout: float = 0.0  # before the new classifier (and its hidden layer)
+    head_hidden: int = 0  # width of one hidden layer (ReLU) before the new classifier; 0: none
     label_smoothing: float = 0.1
     batch_size: int = 32
     epochs: int = 10
@@ -64,6 +71,9 @@ class TrainConfig:
                 "'imagenet', 'none' or the path of a state_dict file",
             ),
             (0.0 <= self.freeze_fraction <= 1.0, "freeze_fraction", "a number in [0, 1]"),
+            (is_freeze_form(self.freeze_form), "freeze_form", f"one of {', '.join(FREEZE_NAMES)}, from:LAYER, trainable:N, frozen:N"),
+            (0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)"),
+            (0 <= self.head_hidden <= 65536, "head_hidden", "a whole number of units in [0, 65536] (0: no hidden layer)"),
             (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
             (self.lr > 0, "lr", "a positive number"),
             (self.backbone_lr_scale > 0, "backbone_lr_scale", "a positive number"),
@@ -94,25 +104,32 @@ class TrainConfig:
         return {"imagenet": "ImageNet weights", "none": "random init"}.get(self.weights, f"weights {self.weights}")
 
 
+def is_freeze_form(form: str) -> bool:
+    """'' (use freeze_fraction), a named strategy, 'from:<layer>', 'trainable:<N>' or 'frozen:<N>'."""
+    kind, _, value = form.partition(":")
+    if not value:
+        return form == "" or form in FREEZE_NAMES
+    if kind == "from":
+        return bool(re.fullmatch(r"[A-Za-z_][\w.]*", value))
+    return kind in ("trainable", "frozen") and value.isdigit()
+
+
 FIELD_TYPES: dict[str, type] = {
     f.name: {"str": str, "int": int, "float": float, "bool": bool, "int | None": int}[f.type]
     for f in fields(TrainConfig)
 }
 SETTING_NAMES = tuple(FIELD_TYPES)
-_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}
 
-SETTING_ALIASES = {  # the names the seeds' notebooks and sweeps use
-    "learning_rate": "lr",
-    "freeze": "freeze_fraction",
-    "freeze_percent": "freeze_fraction",
-    "data_augmentation": "augment",
-    "use_augmentation": "augment",
-}
 NAMED_FREEZE_FRACTIONS = {"freeze_all": 1.0, "unfreeze_all": 0.0}
 
 
 def canonical_setting(name: str) -> str:
-    return SETTING_ALIASES.get(name, name)
+    """Our name for a setting: our own, or what the users' vocabulary says their name means (`vocabulary.py`)."""
+    if name in FIELD_TYPES:
+        return name
+    key = normalise_key(name)
+    return KEY_ALIASES[key] if key in KEY_ALIASES and key not in VALUE_FLIPS else name
 
 
 def coerce_setting(name: str, value: Any, source: str = "config") -> Any:
@@ -137,7 +154,7 @@ def coerce_setting(name: str, value: Any, source: str = "config") -> Any:
                 raise ValueError
             return int(float(value))
         if kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if not isinstance(value, str):

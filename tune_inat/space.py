@@ -18,20 +18,12 @@ from typing import Any
 from tune_inat.backbones import get_backbone
 from tune_inat.cli import read_yaml
 from tune_inat.errors import UserError
-from tune_inat.settings import FIELD_TYPES, TrainConfig, canonical_setting, coerce_setting, coerce_settings
+from tune_inat.settings import FIELD_TYPES, TrainConfig, coerce_setting, coerce_settings
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searcher_entry
+from tune_inat.vocabulary import Reading, nearest_key, resolve_metric, translate_parameters
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 METHODS = {"bayes": "optuna", "random": "random", "grid": "grid"}
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
-METRIC_ALIASES = {
-    "val_accuracy": "val_acc",
-    "validation_accuracy": "val_acc",
-    "accuracy": "val_acc",
-    "val_acc_epoch": "val_acc",
-    "validation_loss": "val_loss",
-    "train_accuracy": "train_acc",
-}
 GOALS = {"maximize": "max", "minimize": "min", "max": "max", "min": "min"}
 DISTRIBUTIONS = (
     "constant",
@@ -59,6 +51,7 @@ SWEEP_KEYS = {
     "tune_inat",
 }
 PARAMETER_KEYS = {"value", "values", "distribution", "min", "max", "q", "probabilities"}
+OUR_KEYS = {"rename", "ignore"}  # in the tune_inat: block, beside the options: how to read the user's own names
 
 
 @dataclass(frozen=True)
@@ -71,6 +64,7 @@ class Parameter:
     low: float | None = None
     high: float | None = None
     q: float | None = None
+    probabilities: tuple = ()  # categorical: the chance of each value in random search (W&B's probabilities)
 
     @property
     def is_fixed(self) -> bool:
@@ -223,9 +217,10 @@ def parse_duration(text: str | float | int, source: str = "time_budget") -> floa
     return seconds
 
 
-def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
+def _parse_parameter(source: str, key: str, raw: Any, name: str | None = None) -> Parameter:
+    """One parameter's W&B spec (values already in our terms) -> a checked Parameter of setting `name`."""
     where = f"parameters.{key}"
-    name = canonical_setting(key)
+    name = name or key
     if not isinstance(raw, dict):
         raise _fail(source, where, f"expected a mapping such as {{value: ...}} or {{values: [...]}}, got {raw!r}")
     unknown = sorted(set(raw) - PARAMETER_KEYS)
@@ -258,7 +253,7 @@ def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
         values = raw.get("values")
         if not isinstance(values, list) or not values:
             raise _fail(source, where, f"values must be a non-empty list, got {values!r}")
-        return Parameter(name, "categorical", tuple(coerce(v) for v in values))
+        return Parameter(name, "categorical", tuple(coerce(v) for v in values), probabilities=_probabilities(raw, where, source))
     for bound in ("min", "max"):
         if bound not in raw:
             raise _fail(source, where, f"distribution {distribution} needs min and max")
@@ -288,8 +283,25 @@ def _parse_parameter(source: str, key: str, raw: Any) -> Parameter:
     return Parameter(name, distribution, (), low, high, q)
 
 
-def _check_values(spec: SearchSpec) -> None:
-    """Every value a trial can get must make a valid TrainConfig: fail now, not in trial 17."""
+def _probabilities(raw: dict, where: str, source: str) -> tuple:
+    """W&B's `probabilities` for `values`: one non-negative number each, adding up to 1."""
+    if "probabilities" not in raw:
+        return ()
+    chances, values = raw["probabilities"], raw["values"]
+    if (
+        not isinstance(chances, list)
+        or len(chances) != len(values)
+        or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p >= 0 for p in chances)
+    ):
+        raise _fail(source, where, f"probabilities must be {len(values)} numbers >= 0, one per value, got {chances!r}")
+    if abs(sum(chances) - 1) > 1e-3:
+        raise _fail(source, where, f"probabilities must add up to 1, got {sum(chances):g}")
+    return tuple(float(p) for p in chances)
+
+
+def _check_values(spec: SearchSpec) -> list[str]:
+    """Every value a trial can get must make a valid TrainConfig: the problems now, not in trial 17."""
+    problems: list[str] = []
     base = {name: p.values[0] for name, p in spec.parameters.items() if p.is_fixed}
     for name, parameter in spec.parameters.items():
         if name in ("backbone", "image_size"):
@@ -300,13 +312,23 @@ def _check_values(spec: SearchSpec) -> None:
                     {**base, "backbone": spec.values_of("backbone")[0], "image_size": None, name: value}
                 )
             except UserError as err:
-                raise _fail(spec.source, f"parameters.{name}", str(err)) from None
+                problems.append(f"parameters.{name}: {err}")
+                break
     for backbone, size in itertools.product(spec.values_of("backbone"), spec.values_of("image_size")):
         try:
             TrainConfig.from_dict({**base, "backbone": backbone, "image_size": size})
         except UserError as err:
-            key = "backbone" if "backbone" in str(err) else "image_size"
-            raise _fail(spec.source, f"parameters.{key}", str(err)) from None
+            problems.append(f"parameters.{'backbone' if 'backbone' in str(err) else 'image_size'}: {err}")
+    layers = [f.partition(":")[2] for f in spec.values_of("freeze_form") if f.startswith("from:")]
+    if layers:  # a layer to unfreeze from must be one of each backbone's own
+        from tune_inat.models import layer_names_of
+
+        for backbone, layer in itertools.product(spec.values_of("backbone"), layers):
+            names = layer_names_of(backbone)
+            if layer not in names and not any(n.startswith(layer + ".") for n in names):
+                top = [n for n in names if "." not in n]
+                problems.append(f"parameters.freeze_form: {backbone} has no layer {layer!r}; its layers: {', '.join(top)}")
+    return problems
 
 
 def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOptions:
@@ -320,23 +342,14 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
         values["num_samples"] = sweep["run_cap"]
     early = sweep.get("early_terminate")
     if early is not None:
-        if not isinstance(early, dict) or early.get("type") != "hyperband":
-            raise _fail(
-                source, "early_terminate", "only {type: hyperband, min_iter, eta} is supported (it maps to ASHA)"
-            )
-        unknown = sorted(set(early) - {"type", "min_iter", "eta", "max_iter", "s", "strict"})
-        if unknown:
-            raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}")
-        values["scheduler"] = "asha"
-        rungs = {"grace_period": early.get("min_iter"), "reduction_factor": early.get("eta")}
-        values["scheduler_options"] = {k: v for k, v in rungs.items() if v is not None}
-        if "max_iter" in early:
-            values["max_epochs"] = early["max_iter"]
+        values["scheduler"], values["scheduler_options"] = "hyperband", _hyperband_options(source, early)
     raw = raw or {}
     if not isinstance(raw, dict):
         raise _fail(source, "tune_inat", f"expected a mapping, got {raw!r}")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in OUR_KEYS:
+            continue
         if key in ("resources", "data") and isinstance(value, dict):
             flat.update(value)  # grouped keys are accepted for readability
         elif key == "scheduler" and isinstance(value, dict):  # {type: asha, grace_period: 2, ...}
@@ -356,6 +369,24 @@ def _parse_options(source: str, raw: Any, sweep: dict[str, Any]) -> SearchOption
         )
     values.update(flat)
     return check_options(SearchOptions(**{k: v for k, v in values.items()}), source)
+
+
+def _hyperband_options(source: str, early: Any) -> dict[str, Any]:
+    """W&B's early_terminate, checked as W&B's schema checks it: {type: hyperband} with min_iter, or max_iter and s."""
+    if not isinstance(early, dict) or early.get("type") != "hyperband":
+        raise _fail(source, "early_terminate", "only {type: hyperband, ...} is supported (as in W&B)")
+    unknown = sorted(set(early) - {"type", "min_iter", "eta", "max_iter", "s", "strict"})
+    if unknown:
+        raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}; W&B's are min_iter, max_iter, s, eta, strict")
+    if "max_iter" in early and "s" not in early:
+        raise _fail(source, "early_terminate", "max_iter needs s (how many bands below it), as W&B's schema says")
+    if "max_iter" not in early and "min_iter" not in early:
+        raise _fail(source, "early_terminate", "give min_iter, or max_iter and s")
+    strict = early.get("strict", True)
+    if not isinstance(strict, bool):
+        raise _fail(source, "early_terminate.strict", f"must be true or false, got {strict!r}")
+    options = {key: early[key] for key in ("min_iter", "max_iter", "s", "eta") if key in early}
+    return {**options, "strict": int(strict)}
 
 
 def check_options(options: SearchOptions, source: str) -> SearchOptions:
@@ -406,7 +437,8 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
             source,
             "tune_inat.reproducible",
             f"scheduler {options.scheduler} cannot decide in trial order; "
-            f"use {', '.join(n for n, e in SCHEDULERS.items() if e.reproducible)}, or reproducible: false",
+            f"use {', '.join(n for n, e in SCHEDULERS.items() if e.reproducible)}, or turn the reproducible mode off "
+            f"(--no-reproducible on the command line, reproducible: false in the file)",
         )
     if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
         raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
@@ -442,41 +474,96 @@ def check_start_with(spec: SearchSpec) -> None:
                 raise _fail(spec.source, where, f"{name} {value!r} is outside [{parameter.low:g}, {parameter.high:g}]")
 
 
-def parse_space(raw: Any, source: str) -> SearchSpec:
-    """A W&B sweep mapping -> a validated SearchSpec."""
+@dataclass(frozen=True)
+class SpaceReading:
+    """A space file read: the spec, and how each of the user's keys was read (for --plan)."""
+
+    spec: SearchSpec
+    readings: tuple[Reading, ...] = ()
+
+
+def one_error(source: str, problems: list[str]) -> UserError:
+    """Every problem of a file in one message, on one line: the count, then each problem after a ' | '."""
+    unique = list(dict.fromkeys(p.removeprefix(f"{source}: ") for p in problems))
+    if len(unique) == 1:
+        return UserError(f"{source}: {unique[0]}")
+    return UserError(f"{source}: {len(unique)} problems: " + " | ".join(unique))
+
+
+def _attempt(problems: list[str], function: Any, *args: Any) -> Any:
+    """Call `function`; a UserError becomes one more problem (and None)."""
+    try:
+        return function(*args)
+    except UserError as err:
+        problems.append(str(err))
+        return None
+
+
+def read_space(raw: Any, source: str) -> SpaceReading:
+    """A W&B sweep mapping, in stages: the YAML as written -> the user's vocabulary translated -> every value
+    checked -> the SearchSpec. Every problem of every stage is told at once."""
     if not isinstance(raw, dict):
         raise UserError(
             f"{source}: expected a W&B sweep mapping (method, metric, parameters), got {type(raw).__name__}"
         )
-    unknown = sorted(set(raw) - SWEEP_KEYS)
-    if unknown:
-        raise UserError(
-            f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SWEEP_KEYS))}"
+    problems: list[str] = []
+    unknown = sorted(set(map(str, raw)) - SWEEP_KEYS)
+    for key in unknown:
+        problems.append(
+            f"{key}: unknown top-level key{nearest_key(key, sorted(SWEEP_KEYS))}; W&B's and ours: {', '.join(sorted(SWEEP_KEYS))}"
         )
-    metric_raw = raw.get("metric") or {"name": "val_acc", "goal": "maximize"}
+    ours = raw.get("tune_inat") if isinstance(raw.get("tune_inat"), dict) else {}
+    rename, ignore = ours.get("rename") or {}, ours.get("ignore") or []
+    if not isinstance(rename, dict) or not all(isinstance(v, str) for v in rename.values()):
+        problems.append(f"tune_inat.rename: expected a mapping of your keys to settings, got {rename!r}")
+        rename = {}
+    if not isinstance(ignore, list):
+        problems.append(f"tune_inat.ignore: expected a list of keys, got {ignore!r}")
+        ignore = []
+    metric, mode = _attempt(problems, _parse_metric, source, raw.get("metric")) or ("val_acc", "max")
+    parameters_raw = raw.get("parameters")
+    parameters: dict[str, Parameter] = {}
+    readings: list[Reading] = []
+    if not isinstance(parameters_raw, dict) or not parameters_raw:
+        problems.append("parameters: a mapping of settings is required")
+    else:
+        translated, readings, translate_problems = translate_parameters(
+            parameters_raw, set(FIELD_TYPES), {str(k): v for k, v in rename.items()}, set(map(str, ignore))
+        )
+        problems += translate_problems
+        for item in translated:
+            parameter = _attempt(problems, _parse_parameter, source, item.key, item.spec, item.setting)
+            if parameter is not None:
+                parameters[parameter.name] = parameter
+    options = _attempt(problems, _parse_options, source, raw.get("tune_inat"), raw)
+    if problems or options is None:
+        raise one_error(source, problems)
+    spec = SearchSpec(source, metric, mode, parameters, options)
+    for check in (check_searcher_fits, check_start_with):
+        _attempt(problems, check, spec)
+    problems += _check_values(spec)
+    if problems:
+        raise one_error(source, [str(p) for p in problems])
+    return SpaceReading(spec, tuple(readings))
+
+
+def _parse_metric(source: str, raw: Any) -> tuple[str, str]:
+    """W&B's metric block -> (our metric, max|min); the user's names for it are understood (valid_acc, ...)."""
+    metric_raw = raw or {"name": "val_acc", "goal": "maximize"}
     if not isinstance(metric_raw, dict) or set(metric_raw) - {"name", "goal", "target"}:
         raise _fail(source, "metric", "expected {name: val_acc, goal: maximize}")
-    metric = METRIC_ALIASES.get(metric_raw.get("name", "val_acc"), metric_raw.get("name", "val_acc"))
-    if metric not in METRICS:
-        raise _fail(source, "metric.name", f"{metric!r} is not one of {', '.join(METRICS)}")
+    metric, why = resolve_metric(metric_raw.get("name", "val_acc"))
+    if metric is None:
+        raise _fail(source, "metric.name", why)
     goal = metric_raw.get("goal", "minimize" if metric.endswith("loss") else "maximize")
     if goal not in GOALS:
         raise _fail(source, "metric.goal", f"{goal!r} is not maximize or minimize")
-    parameters_raw = raw.get("parameters")
-    if not isinstance(parameters_raw, dict) or not parameters_raw:
-        raise _fail(source, "parameters", "a mapping of settings is required")
-    parameters: dict[str, Parameter] = {}
-    for key, value in parameters_raw.items():
-        parameter = _parse_parameter(source, str(key), value)
-        if parameter.name in parameters:
-            raise _fail(source, f"parameters.{key}", f"{parameter.name} is given twice (under two names)")
-        parameters[parameter.name] = parameter
-    options = _parse_options(source, raw.get("tune_inat"), raw)
-    spec = SearchSpec(source, metric, GOALS[goal], parameters, options)
-    check_searcher_fits(spec)
-    _check_values(spec)
-    check_start_with(spec)
-    return spec
+    return metric, GOALS[goal]
+
+
+def parse_space(raw: Any, source: str) -> SearchSpec:
+    """A W&B sweep mapping -> a validated SearchSpec."""
+    return read_space(raw, source).spec
 
 
 def check_searcher_fits(spec: SearchSpec) -> None:
@@ -490,6 +577,9 @@ def check_searcher_fits(spec: SearchSpec) -> None:
                 f"parameters.{ranged[0]}",
                 f"{spec.searcher} search needs value or values, not a distribution",
             )
+    if entry.expands_grid and any(p.probabilities for p in spec.parameters.values()):
+        name = next(n for n, p in spec.parameters.items() if p.probabilities)
+        raise _fail(spec.source, f"parameters.{name}", "grid search runs every value once: probabilities do not apply (W&B refuses them too)")
     if entry.expands_grid and not any(p.distribution == "categorical" for p in spec.parameters.values()):
         raise _fail(spec.source, "parameters", f"{spec.searcher} search needs at least one parameter with values")
     if entry.schedulers and spec.options.scheduler not in entry.schedulers:
@@ -510,8 +600,12 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
 
 
 def load_space(path: str | Path) -> SearchSpec:
+    return read_space_file(path).spec
+
+
+def read_space_file(path: str | Path) -> SpaceReading:
     path = resolve_space_path(path)
-    return parse_space(read_yaml(path, "search space file"), str(path))
+    return read_space(read_yaml(path, "search space file"), str(path))
 
 
 def with_overrides(spec: SearchSpec, scheduler_options: dict[str, Any] | None = None, **overrides: Any) -> SearchSpec:
@@ -538,9 +632,19 @@ def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
     if not settings:
         return spec
     parameters = dict(spec.parameters)
-    for key, value in settings.items():
-        parameter = _parse_parameter("--set", key, {"value": value})
-        parameters[parameter.name] = parameter
+    translated, _, problems = translate_parameters(
+        {key: {"value": value} for key, value in settings.items()}, set(FIELD_TYPES), {}, set()
+    )
+    for item in translated:
+        parameter = _attempt(problems, _parse_parameter, "--set", item.key, item.spec, item.setting)
+        if parameter is not None:
+            if parameter.name == "freeze_form" and parameter.values[0]:  # a freeze form replaces the fraction
+                parameters.pop("freeze_fraction", None)
+            if parameter.name == "freeze_fraction":
+                parameters.pop("freeze_form", None)
+            parameters[parameter.name] = parameter
+    if problems:
+        raise one_error("--set", [p.replace("parameters.", "", 1) for p in problems])
     # the fixed value wins over a recipe's: drop the settings --set fixes from the recipes to try first
     recipes = tuple(
         {k: v for k, v in r.items() if k not in parameters or not parameters[k].is_fixed}
@@ -548,7 +652,9 @@ def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
     )
     spec = replace(spec, parameters=parameters, options=replace(spec.options, start_with=recipes))
     check_searcher_fits(spec)
-    _check_values(spec)
+    problems = _check_values(spec)
+    if problems:
+        raise one_error("--set", problems)
     check_start_with(spec)
     return spec
 
@@ -566,7 +672,9 @@ def searched_tune_space(spec: SearchSpec) -> dict[str, Any]:
     for name, p in spec.parameters.items():
         if p.is_fixed:
             continue
-        if p.distribution == "categorical":
+        if p.distribution == "categorical" and p.probabilities and spec.searcher == "random":
+            space[name] = tune.choice(weighted_choices(p.values, p.probabilities))
+        elif p.distribution == "categorical":
             space[name] = tune.grid_search(list(p.values)) if spec.expands_grid else tune.choice(list(p.values))
         elif p.distribution == "uniform":
             space[name] = tune.uniform(p.low, p.high)
@@ -579,3 +687,10 @@ def searched_tune_space(spec: SearchSpec) -> dict[str, Any]:
         else:  # q_log_uniform_values
             space[name] = tune.qloguniform(p.low, p.high, p.q)
     return space
+
+
+def weighted_choices(values: tuple, probabilities: tuple, resolution: int = 1000) -> list:
+    """`values` repeated in proportion to `probabilities` (to 1/resolution), so a uniform choice among them draws
+    each value with its W&B probability (Ray's tune.choice has no weights)."""
+    counts = [round(p * resolution) for p in probabilities]
+    return [value for value, count in zip(values, counts) for _ in range(count)]

@@ -150,6 +150,48 @@ def _build_pasha(spec: SearchSpec) -> Any:
     )
 
 
+def _build_hyperband(spec: SearchSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune_inat.schedulers import OrderedASHA, use_bands
+
+    options = spec.options.scheduler_options
+    bands = [band for band in hyperband_bands(options) if band < spec.max_epochs]
+    if not bands:  # no band before the last epoch: nothing is ever stopped
+        return _build_fifo(spec)
+    asha = OrderedASHA if spec.options.reproducible else ASHAScheduler
+    scheduler = asha(time_attr="epoch", max_t=spec.max_epochs, grace_period=bands[0], reduction_factor=options["eta"])
+    return use_bands(scheduler, bands, options["eta"], bool(options["strict"]))
+
+
+def hyperband_bands(options: dict[str, Any]) -> list[int]:
+    """W&B's band epochs for the `hyperband` scheduler's options (no Ray needed: `--plan` shows them)."""
+    return wandb_bands(options["min_iter"], options["max_iter"], options["s"], options["eta"])
+
+
+def wandb_bands(min_iter: int, max_iter: int, s: int, eta: float) -> list[int]:
+    """The epochs W&B's hyperband stops at (its `sweeps` engine, hyperband_stopping.py), in order.
+
+    With max_iter (and s): max_iter / eta, / eta^2, ... s of them, each rounded down, none below 1;
+    max_iter itself is no band and caps nothing. With min_iter: min_iter * eta^k, rounded down.
+    """
+    bands: list[int] = []
+    if max_iter:
+        band = float(max_iter)
+        for _ in range(int(s)):
+            band /= eta
+            if band < 1:
+                break
+            bands.append(int(band))
+    else:
+        band = float(min_iter)
+        for _ in range(100):
+            bands.append(int(band))
+            band *= eta
+    return sorted(set(bands))
+
+
+
 register_scheduler(Scheduler("fifo", "every trial runs all its epochs", _build_fifo))
 register_scheduler(
     Scheduler(
@@ -168,6 +210,23 @@ register_scheduler(
         _build_pasha,
         {**RUNG_OPTIONS, "epsilon": Option(float, 0.01, 0, "score differences below this are ties (noise)")},
         reproducible=False,
+    )
+)
+
+
+register_scheduler(
+    Scheduler(
+        "hyperband",
+        "W&B's hyperband early_terminate, as its sweeps engine computes it: bands at max_iter/eta^k (s of them) or "
+        "min_iter*eta^k; at a band a trial below the int(n/eta)-th best of the n that reached it stops",
+        _build_hyperband,
+        {
+            "min_iter": Option(int, 0, 0, "the first band (with eta: min_iter * eta^k); 0: use max_iter and s"),
+            "max_iter": Option(int, 0, 0, "bands at max_iter / eta^k, k = 1..s (it caps no trial)"),
+            "s": Option(int, 0, 0, "how many bands below max_iter"),
+            "eta": Option(float, 3.0, 1, "keep about 1/eta at each band", low_open=True),
+            "strict": Option(int, 1, 0, "1: judge the value at the band (W&B's default); 0: the best so far"),
+        },
     )
 )
 

@@ -232,6 +232,7 @@ def train_and_report(
     constant = {
         **facts,
         "trainable_parameters": fine_tuning.model.num_trainable_parameters(),
+        "frozen_parameter_share": fine_tuning.model.frozen_parameter_share(),
         "micro_batch_size": settings.batch_size // settings.grad_accum_steps,
     }
     try:
