@@ -29,7 +29,7 @@ RUNS = 4  # 3 of them reproducible, each with a trial made to reach the first ru
 
 
 def busy_process(cpu: int) -> subprocess.Popen:
-    """A process that keeps `cpu` busy at the lowest priority (the search still gets most of it), until the test ends it."""
+    """A process that keeps `cpu` busy at the lowest priority (the search still gets most of it), until it is ended."""
     process = subprocess.Popen(
         [sys.executable, "-c", "import os; os.nice(19)\nwhile True: pass"], start_new_session=True
     )

@@ -99,8 +99,11 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
     ("text", "message"),
     [
         ("parameters:\n  lr: {value: 0.1\n", r"YAML syntax error at line \d+"),
-        ("paramters:\n  lr: {value: 0.1}\n", "unknown top-level key.*paramters"),
-        ("parameters:\n  learning_rat: {value: 0.1}\n", "parameters.learning_rat: unknown setting 'learning_rat'"),
+        ("paramters:\n  lr: {value: 0.1}\n", r"paramters: unknown top-level key \(nearest: parameters\)"),
+        (
+            "parameters:\n  learning_rat: {value: 0.1}\n",
+            r"parameters.learning_rat: unknown setting \(nearest: learning_rate\)",
+        ),
         ("parameters:\n  lr: {value: 0.1, typo: 1}\n", "parameters.lr: unknown key.*typo"),
         ("parameters:\n  backbone: {values: [resnet50, resnet5]}\n", "parameters.backbone: unknown backbone 'resnet5'"),
         (
@@ -118,7 +121,10 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
             "grid search needs value or values",
         ),
         ("method: annealing\nparameters:\n  lr: {value: 0.1}\n", "method: 'annealing' is not one of"),
-        ("metric: {name: f1, goal: maximize}\nparameters:\n  lr: {value: 0.1}\n", "metric.name: 'f1' is not one of"),
+        (
+            "metric: {name: f1, goal: maximize}\nparameters:\n  lr: {value: 0.1}\n",
+            "metric.name: 'f1' is not a metric the trials report; use one of val_acc",
+        ),
         ("parameters:\n  epochs: {distribution: uniform, min: 1, max: 5.5}\n", "epochs is a whole number"),
         (
             "parameters:\n  image_size: {distribution: int_uniform, min: 64, max: 128}\n",

@@ -23,14 +23,26 @@ scalars = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["", "resnet", "ViT", "fc_only", "layer4", "1e-3", ".inf", "~", "yes", "native", "from:x"]),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=6,
+)
 specs = st.one_of(
     values,
     st.fixed_dictionaries({"value": values}),
     st.fixed_dictionaries({"values": st.lists(values, max_size=4)}),
     st.fixed_dictionaries({"min": values, "max": values}),
-    st.fixed_dictionaries({"distribution": st.sampled_from(["uniform", "log_uniform_values", "q_uniform", "int_uniform", "bogus"]), "min": scalars, "max": scalars}),
-    st.fixed_dictionaries({"values": st.lists(scalars, min_size=1, max_size=3), "probabilities": st.lists(scalars, max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "distribution": st.sampled_from(["uniform", "log_uniform_values", "q_uniform", "int_uniform", "bogus"]),
+            "min": scalars,
+            "max": scalars,
+        }
+    ),
+    st.fixed_dictionaries(
+        {"values": st.lists(scalars, min_size=1, max_size=3), "probabilities": st.lists(scalars, max_size=3)}
+    ),
 )
 FAST = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

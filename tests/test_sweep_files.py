@@ -112,7 +112,9 @@ def test_each_users_file_loads_with_every_searched_parameter_as_meant(name: str)
         if isinstance(meant, str):
             assert parameter.distribution == meant, (setting, parameter)
         else:
-            assert parameter.values == pytest.approx(meant) if setting == "freeze_fraction" else parameter.values == meant
+            assert (
+                parameter.values == pytest.approx(meant) if setting == "freeze_fraction" else parameter.values == meant
+            )
     searched_keys = len(MEANT[name])
     assert len(spec.parameters) >= searched_keys  # nothing the author searched was dropped
 
@@ -151,7 +153,9 @@ def test_a_test_set_metric_is_refused_saying_why() -> None:
 def test_unknown_names_come_with_the_nearest_known_ones() -> None:
     from tune_inat.space import parse_space
 
-    raw = {"parameters": {"bach_size": {"value": 32}, "modelName": {"value": "resnt50"}, "optimizer": {"value": "adma"}}}
+    raw = {
+        "parameters": {"bach_size": {"value": 32}, "modelName": {"value": "resnt50"}, "optimizer": {"value": "adma"}}
+    }
     with pytest.raises(UserError) as caught:
         parse_space(raw, "inline")
     message = str(caught.value)
@@ -230,7 +234,6 @@ def wandb_sweeps(tmp_path_factory: pytest.TempPathFactory):
             del sys.modules[name]
 
 
-
 @pytest.mark.parametrize(
     "early",
     [
@@ -293,7 +296,15 @@ def test_plan_shows_how_each_key_was_read_line_by_line() -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == f"How {SWEEPS / '16_hyperband_max_iter.yaml'} was read:"
     assert lines[1].split() == ["model", "'resnet50'", "->", "backbone", "'resnet50'"]
-    assert lines[2].split() == ["freeze_strategy", "['fc_only',", "'partial']", "->", "freeze_form", "['head_only',", "'partial']"]
+    assert lines[2].split() == [
+        "freeze_strategy",
+        "['fc_only',",
+        "'partial']",
+        "->",
+        "freeze_form",
+        "['head_only',",
+        "'partial']",
+    ]
     assert lines[3].split()[:3] == ["learning_rate", "range", "[0.0001,"] and "-> lr range" in lines[3]
     assert lines[4].split() == ["epochs", "30", "->", "epochs", "30"]
     assert lines[5].startswith("Left at their defaults: weights 'imagenet'") and "freeze_fraction" not in lines[5]

@@ -253,11 +253,17 @@ register(
 )
 register(Backbone("convnext_tiny", 224, head="classifier.2", stages=convnext_stages, last_block="features.7"))
 register(Backbone("convnext_small", 224, head="classifier.2", stages=convnext_stages, last_block="features.7"))
-register(Backbone("densenet121", 224, head="classifier", stages=densenet_stages, min_size=32, last_block="features.denseblock4"))
+register(
+    Backbone(
+        "densenet121", 224, head="classifier", stages=densenet_stages, min_size=32, last_block="features.denseblock4"
+    )
+)
 register(Backbone("mobilenet_v2", 224, head="classifier.1", stages=mobilenet_v2_stages, last_block="features.17"))
 register(Backbone("regnet_y_800mf", 224, head="fc", stages=regnet_stages, last_block="trunk_output.block4"))
 register(
-    Backbone("swin_t", 224, head="head", stages=swin_stages, size_multiple=32, channels_last=False, last_block="features.7")
+    Backbone(
+        "swin_t", 224, head="head", stages=swin_stages, size_multiple=32, channels_last=False, last_block="features.7"
+    )
 )
 for _name, _patch in (("vit_b_16", 16), ("vit_b_32", 32)):
     register(

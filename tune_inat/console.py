@@ -31,7 +31,7 @@ ENDED = ("TERMINATED", "ERROR")  # Ray's statuses of a trial that will not run a
 
 
 def unfinished_trials(trials: list) -> list:
-    """The trials not ended (running, waiting at a rung, to start): one definition for the status block and exit code."""
+    """The trials not ended (running, waiting at a rung, to start): one definition for status block and exit code."""
     return [t for t in trials if t.status not in ENDED]
 
 

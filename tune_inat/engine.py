@@ -76,7 +76,12 @@ def build_optimizer(model: FineTuneModel, config: TrainConfig) -> torch.optim.Op
     groups = parameter_groups(model, config.lr, config.backbone_lr_scale, config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    optimizers = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "nadam": torch.optim.NAdam, "rmsprop": torch.optim.RMSprop}
+    optimizers = {
+        "adamw": torch.optim.AdamW,
+        "adam": torch.optim.Adam,
+        "nadam": torch.optim.NAdam,
+        "rmsprop": torch.optim.RMSprop,
+    }
     return optimizers[config.optimizer](groups, lr=config.lr)  # weight decay per group (none on norms and biases)
 
 

@@ -183,9 +183,7 @@ def blocks(net: nn.Module, backbone: Backbone) -> list[nn.Module]:
     12 encoder layers, final norm).
     """
     head = net.get_submodule(backbone.head)
-    return [
-        stage for stage in backbone.stages(net)[:-1] if stage is not head and any(True for _ in stage.parameters())
-    ]
+    return [stage for stage in backbone.stages(net)[:-1] if stage is not head and any(True for _ in stage.parameters())]
 
 
 def frozen_module_count(net: nn.Module, backbone: Backbone, modules: list[str], fraction: float, form: str) -> int:
@@ -206,7 +204,8 @@ def frozen_module_count(net: nn.Module, backbone: Backbone, modules: list[str], 
     index = next((i for i, name in enumerate(modules) if name == layer or name.startswith(layer + ".")), None)
     if index is None:
         raise UserError(
-            f"{backbone.name} has no layer {layer!r} to unfreeze from; its layers: {', '.join(layer_names(net, backbone))}"
+            f"{backbone.name} has no layer {layer!r} to unfreeze from; "
+            f"its layers: {', '.join(layer_names(net, backbone))}"
         )
     return index
 
@@ -219,12 +218,17 @@ def layer_names(net: nn.Module, backbone: Backbone) -> list[str]:
     """The names a user can unfreeze from: the top-level modules and their direct children that hold parameters."""
     names = []
     for name, module in net.named_modules():
-        if name and name.count(".") <= 1 and not name.startswith(backbone.head) and any(True for _ in module.parameters()):
+        if (
+            name
+            and name.count(".") <= 1
+            and not name.startswith(backbone.head)
+            and any(True for _ in module.parameters())
+        ):
             names.append(name)
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layer_names_of(name: str) -> tuple[str, ...]:
     """Every module name of backbone `name` (built on the meta device: no memory, no weights)."""
     with torch.device("meta"):

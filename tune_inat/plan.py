@@ -48,13 +48,12 @@ def plan_lines(reading: SpaceReading, spec: SearchSpec, cpus: float, gpus: float
     if defaults:
         lines.append(f"Left at their defaults: {', '.join(defaults)}")
     trials, epochs = trial_count(spec), spec.max_epochs
-    lines.append(
-        f"Search: {spec.searcher}, {trials} trials, metric {spec.metric} ({'maximize' if spec.mode == 'max' else 'minimize'}), "
-        f"each up to {epochs} epochs"
-    )
+    goal = "maximize" if spec.mode == "max" else "minimize"
+    lines.append(f"Search: {spec.searcher}, {trials} trials, metric {spec.metric} ({goal}), each up to {epochs} epochs")
     stops = rungs(spec)
     where = f"may stop a trial after epoch {', '.join(map(str, stops))}" if stops else "stops no trial early"
-    lines.append(f"Scheduler: {spec.options.scheduler} ({'reproducible' if spec.options.reproducible else 'asynchronous'}), {where}")
+    order = "reproducible" if spec.options.reproducible else "asynchronous"
+    lines.append(f"Scheduler: {spec.options.scheduler} ({order}), {where}")
     share = f", {gpus:g} GPU" if gpus else " (no GPU)"
     lines.append(f"Resources: each trial {cpus:g} CPUs{share}; {at_once} trials at once")
     lines.append(f"At most {trials * epochs} trial-epochs ({trials} trials x {epochs} epochs, if none is stopped)")

@@ -75,7 +75,11 @@ TRIAL_COLUMNS = [
     ("wall_seconds", pa.float64(), "seconds the trial ran, restarts included"),
     ("gpu_seconds", pa.float64(), "sum of epoch seconds times GPU share"),
     ("trainable_parameters", pa.int64(), "parameters that train (freeze_fraction or freeze_form decides)"),
-    ("frozen_parameter_share", pa.float64(), "share of the model's parameters frozen, 0..1 (what the freezing came to)"),
+    (
+        "frozen_parameter_share",
+        pa.float64(),
+        "share of the model's parameters frozen, 0..1 (what the freezing came to)",
+    ),
     ("startup_seconds", pa.float64(), "trial start to first training step: model build, cache open, weights"),
     ("total_parameters", pa.int64(), "parameters of the whole model (what the exported file holds)"),
     (
@@ -114,7 +118,15 @@ COST_KEYS = (
     "latency_gpu",
 )
 PLACE_KEYS = ("node_id", "node_host", "device_name")
-REPORTED_TRIAL_KEYS = ("max_epochs", "trainable_parameters", "frozen_parameter_share", "startup_seconds", "started_at", *COST_KEYS, *PLACE_KEYS)
+REPORTED_TRIAL_KEYS = (
+    "max_epochs",
+    "trainable_parameters",
+    "frozen_parameter_share",
+    "startup_seconds",
+    "started_at",
+    *COST_KEYS,
+    *PLACE_KEYS,
+)
 REPORTED_TIME_KEY = "reported_at"  # unix seconds, becomes `timestamp`
 
 

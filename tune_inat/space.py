@@ -20,7 +20,7 @@ from tune_inat.cli import read_yaml
 from tune_inat.errors import UserError
 from tune_inat.settings import FIELD_TYPES, TrainConfig, coerce_setting, coerce_settings
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searcher_entry
-from tune_inat.vocabulary import Reading, nearest_key, resolve_metric, translate_parameters
+from tune_inat.vocabulary import Reading, nearest_key, printable, resolve_metric, translate_parameters
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 METHODS = {"bayes": "optuna", "random": "random", "grid": "grid"}
@@ -165,7 +165,10 @@ class SearchSpec:
 def spec_from_dict(raw: Any, source: str) -> SearchSpec:
     """A SearchSpec from `SearchSpec.to_dict()` output (search.json); damage is one UserError naming `source`."""
     try:
-        parameters = {name: Parameter(**{**p, "values": tuple(p["values"])}) for name, p in raw["parameters"].items()}
+        parameters = {
+            name: Parameter(**{**p, "values": tuple(p["values"]), "probabilities": tuple(p.get("probabilities", ()))})
+            for name, p in raw["parameters"].items()
+        }
         options = SearchOptions(**{**raw["options"], "start_with": tuple(raw["options"].get("start_with", ()))})
         return SearchSpec(raw["source"], raw["metric"], raw["mode"], parameters, options)
     except (KeyError, TypeError, AttributeError) as err:
@@ -219,7 +222,7 @@ def parse_duration(text: str | float | int, source: str = "time_budget") -> floa
 
 def _parse_parameter(source: str, key: str, raw: Any, name: str | None = None) -> Parameter:
     """One parameter's W&B spec (values already in our terms) -> a checked Parameter of setting `name`."""
-    where = f"parameters.{key}"
+    where = f"parameters.{printable(key)}"
     name = name or key
     if not isinstance(raw, dict):
         raise _fail(source, where, f"expected a mapping such as {{value: ...}} or {{values: [...]}}, got {raw!r}")
@@ -253,7 +256,9 @@ def _parse_parameter(source: str, key: str, raw: Any, name: str | None = None) -
         values = raw.get("values")
         if not isinstance(values, list) or not values:
             raise _fail(source, where, f"values must be a non-empty list, got {values!r}")
-        return Parameter(name, "categorical", tuple(coerce(v) for v in values), probabilities=_probabilities(raw, where, source))
+        return Parameter(
+            name, "categorical", tuple(coerce(v) for v in values), probabilities=_probabilities(raw, where, source)
+        )
     for bound in ("min", "max"):
         if bound not in raw:
             raise _fail(source, where, f"distribution {distribution} needs min and max")
@@ -291,7 +296,9 @@ def _probabilities(raw: dict, where: str, source: str) -> tuple:
     if (
         not isinstance(chances, list)
         or len(chances) != len(values)
-        or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p >= 0 for p in chances)
+        or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p >= 0 for p in chances
+        )
     ):
         raise _fail(source, where, f"probabilities must be {len(values)} numbers >= 0, one per value, got {chances!r}")
     if abs(sum(chances) - 1) > 1e-3:
@@ -327,7 +334,9 @@ def _check_values(spec: SearchSpec) -> list[str]:
             names = layer_names_of(backbone)
             if layer not in names and not any(n.startswith(layer + ".") for n in names):
                 top = [n for n in names if "." not in n]
-                problems.append(f"parameters.freeze_form: {backbone} has no layer {layer!r}; its layers: {', '.join(top)}")
+                problems.append(
+                    f"parameters.freeze_form: {backbone} has no layer {layer!r}; its layers: {', '.join(top)}"
+                )
     return problems
 
 
@@ -377,7 +386,11 @@ def _hyperband_options(source: str, early: Any) -> dict[str, Any]:
         raise _fail(source, "early_terminate", "only {type: hyperband, ...} is supported (as in W&B)")
     unknown = sorted(set(early) - {"type", "min_iter", "eta", "max_iter", "s", "strict"})
     if unknown:
-        raise _fail(source, "early_terminate", f"unknown key(s) {', '.join(unknown)}; W&B's are min_iter, max_iter, s, eta, strict")
+        raise _fail(
+            source,
+            "early_terminate",
+            f"unknown key(s) {', '.join(unknown)}; W&B's are min_iter, max_iter, s, eta, strict",
+        )
     if "max_iter" in early and "s" not in early:
         raise _fail(source, "early_terminate", "max_iter needs s (how many bands below it), as W&B's schema says")
     if "max_iter" not in early and "min_iter" not in early:
@@ -510,7 +523,8 @@ def read_space(raw: Any, source: str) -> SpaceReading:
     unknown = sorted(set(map(str, raw)) - SWEEP_KEYS)
     for key in unknown:
         problems.append(
-            f"{key}: unknown top-level key{nearest_key(key, sorted(SWEEP_KEYS))}; W&B's and ours: {', '.join(sorted(SWEEP_KEYS))}"
+            f"{printable(key)}: unknown top-level key{nearest_key(key, sorted(SWEEP_KEYS))}; "
+            f"W&B's and ours: {', '.join(sorted(SWEEP_KEYS))}"
         )
     ours = raw.get("tune_inat") if isinstance(raw.get("tune_inat"), dict) else {}
     rename, ignore = ours.get("rename") or {}, ours.get("ignore") or []
@@ -579,7 +593,11 @@ def check_searcher_fits(spec: SearchSpec) -> None:
             )
     if entry.expands_grid and any(p.probabilities for p in spec.parameters.values()):
         name = next(n for n, p in spec.parameters.items() if p.probabilities)
-        raise _fail(spec.source, f"parameters.{name}", "grid search runs every value once: probabilities do not apply (W&B refuses them too)")
+        raise _fail(
+            spec.source,
+            f"parameters.{name}",
+            "grid search runs every value once: probabilities do not apply (W&B refuses them too)",
+        )
     if entry.expands_grid and not any(p.distribution == "categorical" for p in spec.parameters.values()):
         raise _fail(spec.source, "parameters", f"{spec.searcher} search needs at least one parameter with values")
     if entry.schedulers and spec.options.scheduler not in entry.schedulers:

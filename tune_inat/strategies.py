@@ -191,7 +191,6 @@ def wandb_bands(min_iter: int, max_iter: int, s: int, eta: float) -> list[int]:
     return sorted(set(bands))
 
 
-
 register_scheduler(Scheduler("fifo", "every trial runs all its epochs", _build_fifo))
 register_scheduler(
     Scheduler(

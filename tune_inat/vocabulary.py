@@ -216,7 +216,8 @@ FREEZE_STRATEGIES: dict[str, str] = {
          "nofreeze", "trainall", "all", "unfrozen", "scratch"),
         "all",
     ),
-    **dict.fromkeys(("lastblock", "unfreezelastblock", "trainlastblock", "lastblockonly", "lastconvblock"), "last_block"),
+    **dict.fromkeys(("lastblock", "unfreezelastblock", "trainlastblock", "lastblockonly", "lastconvblock"),
+                    "last_block"),
     **dict.fromkeys(("partial", "partialfinetune", "partialfinetuning", "half", "partiallyfrozen"), "partial"),
 }  # fmt: skip
 FREEZE_COUNT_STRATEGY = re.compile(r"^(freeze_?first|unfreeze_?last|train_?last|freeze|unfreeze)_?(\d+)$")
@@ -249,7 +250,10 @@ def freeze_form(kind: str, value: Any) -> tuple[str | None, str]:
             return None, f"must be a whole number of blocks >= 0, got {value!r}"
         return f"{kind}:{int(value)}", ""
     if isinstance(value, bool) or not isinstance(value, str):
-        return None, f"must be a freeze strategy name ({', '.join(sorted(set(FREEZE_STRATEGIES.values())))}), got {value!r}"
+        return (
+            None,
+            f"must be a freeze strategy name ({', '.join(sorted(set(FREEZE_STRATEGIES.values())))}), got {value!r}",
+        )
     if squash(value) in FREEZE_STRATEGIES:
         return FREEZE_STRATEGIES[squash(value)], ""
     counted = FREEZE_COUNT_STRATEGY.match(normalise_key(value))
@@ -283,9 +287,15 @@ def translate_value(setting: str, value: Any) -> tuple[Any, str]:
         return OPTIMIZER_NAMES[squash(value)], ""
     if setting == "augment" and isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS, ""
-    if setting == "weights" and isinstance(value, str) and value.strip().lower() in ("imagenet", "pretrained", "default"):
+    if (
+        setting == "weights"
+        and isinstance(value, str)
+        and value.strip().lower() in ("imagenet", "pretrained", "default")
+    ):
         return "imagenet", ""
-    if setting == "weights" and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "random", "scratch"))):
+    if setting == "weights" and (
+        value is None or (isinstance(value, str) and value.strip().lower() in ("none", "random", "scratch"))
+    ):
         return "none", ""  # fmt: skip
     return value, ""
 
@@ -331,6 +341,11 @@ def nearest_key(key: str, known: list[str]) -> str:
     """'; did you mean X?' for an unknown key, or ''."""
     near = difflib.get_close_matches(normalise_key(key), known, n=1, cutoff=0.6)
     return f" (nearest: {near[0]})" if near else ""
+
+
+def printable(key: str) -> str:
+    """A key as a message can show it on one line: as written, or quoted when it holds odd characters."""
+    return key if key.isprintable() and key.strip() == key and key else repr(key)
 
 
 def is_plain_number(value: Any) -> bool:
@@ -384,7 +399,7 @@ def translate_parameters(
     known_keys = sorted(known | set(KEY_ALIASES) | set(FREEZE_KEYS) | set(PLUMBING))
     for raw_key, spec in parameters.items():
         key = str(raw_key)
-        where = f"parameters.{key}"
+        where = f"parameters.{printable(key)}"
         if key in ignore:
             readings.append(Reading(key, describe(spec), "", "ignored: the file's tune_inat.ignore names it"))
             continue
@@ -396,7 +411,9 @@ def translate_parameters(
         if key in rename:
             setting, kind = rename[key], ""
             if setting not in known:
-                problems.append(f"tune_inat.rename.{key}: {setting!r} is not a setting{nearest_key(setting, sorted(known))}")
+                problems.append(
+                    f"tune_inat.rename.{key}: {setting!r} is not a setting{nearest_key(setting, sorted(known))}"
+                )
                 continue
         elif key in known:
             setting, kind = key, ""
@@ -420,7 +437,7 @@ def translate_parameters(
         else:
             problems.append(
                 f"{where}: unknown setting{nearest_key(key, known_keys)}; say what it means with "
-                f"tune_inat: {{rename: {{{key}: SETTING}}}}, or tune_inat: {{ignore: [{key}]}}"
+                f"tune_inat: {{rename: {{{printable(key)}: SETTING}}}}, or tune_inat: {{ignore: [{printable(key)}]}}"
             )
             continue
         result = _translate_values(where, setting, kind, spec, choices, problems)
@@ -449,11 +466,17 @@ def _translate_values(
         if spec.get("distribution", "uniform") not in ("uniform", "q_uniform") or not all(
             is_plain_number(spec.get(b)) for b in ("min", "max")
         ):
-            problems.append(f"{where}: a trainable share takes values or a uniform range of numbers, got {describe(spec)}")
+            problems.append(
+                f"{where}: a trainable share takes values or a uniform range of numbers, got {describe(spec)}"
+            )
             return None
         return {**spec, "min": 1 - spec["max"], "max": 1 - spec["min"]}, []
     if kind:  # a freeze strategy, layer or count
-        if choices is None and kind in ("frozen", "trainable") and all(isinstance(spec.get(b), int) for b in ("min", "max")):
+        if (
+            choices is None
+            and kind in ("frozen", "trainable")
+            and all(isinstance(spec.get(b), int) for b in ("min", "max"))
+        ):
             choices = list(range(spec["min"], spec["max"] + 1))[:1000]  # a range of counts: every count in it
             spec = {k: v for k, v in spec.items() if k not in ("min", "max", "distribution", "q")} | {"values": choices}
         if choices is None:
