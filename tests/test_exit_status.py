@@ -80,7 +80,7 @@ def test_small_searches_under_cpu_pressure_all_exit_0_with_every_trial_ended(dem
     for record in records:
         assert_truthful(record)
     # the case that failed was exercised: trials stopped early in the reproducible mode
-    assert sum(r["table"].get("stopped_early", 0) for r in records if r["variant"] == "ordered-asha") >= 2
+    assert sum(r["table"].get("stopped_early", 0) for r in records if r["variant"] == "ordered-asha") >= 1
 
 
 @pytest.mark.extended

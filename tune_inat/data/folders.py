@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,13 @@ class Layout:
 
 
 def sniff_image_format(path: Path) -> str | None:
-    """The image format from the file's first bytes, or None when it is not an image we read."""
+    """The image format from the file's first bytes, or None when it is not an image we read.
+
+    Only regular files (or links to them) are opened: a FIFO or a device named like a photo would block or never end.
+    """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError:
@@ -142,11 +148,11 @@ def scan_class_folders(folder: Path) -> FileList:
                 if sniff_image_format(path) is None:
                     ignored += 1
                     continue
-                stat = path.stat()
+                info = path.stat()
                 files.append(path.relative_to(folder).as_posix())
                 labels.append(label)
-                sizes.append(stat.st_size)
-                mtimes.append(stat.st_mtime_ns)
+                sizes.append(info.st_size)
+                mtimes.append(info.st_mtime_ns)
                 found += 1
         if found == 0:
             empty.append(class_dir.name)
