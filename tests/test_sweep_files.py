@@ -378,3 +378,40 @@ def test_a_hidden_head_with_dropout_trains_and_round_trips_through_the_model_fil
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     assert torch.equal(loaded(x), model(x))
+
+
+def test_hyperband_without_a_band_is_refused_in_one_line() -> None:
+    from tune_inat.space import parse_space
+
+    for options in ({"scheduler": "hyperband"}, {"scheduler": {"type": "hyperband", "min_iter": 0}}):
+        with pytest.raises(UserError, match="hyperband needs min_iter >= 1, or max_iter and s"):
+            parse_space({"parameters": {"lr": {"value": 0.1}}, "tune_inat": options}, "inline")
+
+
+def test_a_nan_at_a_band_ranks_last_and_the_threshold_stays_a_number() -> None:
+    from types import SimpleNamespace
+
+    from tune_inat.schedulers import BandBracket
+
+    bracket = BandBracket([2], eta=2, strict=True)
+    seen = [("a", 0.5), ("b", 0.4), ("d", float("nan")), ("e", 0.45)]
+    decide = [bracket.on_result(SimpleNamespace(trial_id=t), 2, v) for t, v in seen]
+    assert decide == ["CONTINUE", "CONTINUE", "STOP", "CONTINUE"]  # W&B's rule: below the int(n/2)-th best stops
+
+
+def test_tables_written_before_the_new_settings_read_back_with_their_defaults(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from tune_inat.results import TRIALS_SCHEMA, read_part
+
+    old_names = [
+        n for n in TRIALS_SCHEMA.names if n not in ("freeze_form", "dropout", "head_hidden", "frozen_parameter_share")
+    ]
+    old = pa.table({n: pa.array([None], type=TRIALS_SCHEMA.field(n).type) for n in old_names})
+    old = old.set_column(old_names.index("trial_id"), "trial_id", pa.array(["t1"]))
+    pq.write_table(old, tmp_path / "part.parquet")
+    table = read_part(pafs.LocalFileSystem(), str(tmp_path / "part.parquet"), TRIALS_SCHEMA).to_pylist()[0]
+    assert (table["trial_id"], table["freeze_form"], table["dropout"], table["head_hidden"]) == ("t1", "", 0.0, 0)
+    assert table["frozen_parameter_share"] is None

@@ -280,11 +280,11 @@ for _name, _patch in (("vit_b_16", 16), ("vit_b_32", 32)):
     )
 register(
     Backbone(
-        "mobilenet_v3_small", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.12"
+        "mobilenet_v3_small", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.11"
     )
 )
 register(
     Backbone(
-        "mobilenet_v3_large", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.16"
+        "mobilenet_v3_large", 224, head="classifier.3", stages=features_classifier_stages, last_block="features.15"
     )
 )

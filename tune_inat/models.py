@@ -179,8 +179,8 @@ def blocks(net: nn.Module, backbone: Backbone) -> list[nn.Module]:
     """The backbone's blocks, in forward order: the stages of its registry entry that hold parameters, head excluded.
 
     What a freeze count means ("freeze the first 5", "leave the last 2 trainable"): resnet50 has 18
-    (conv1, bn1 and its 16 bottlenecks), vgg16 13 convolutions, vit_b_16 15 (embedding, positions,
-    12 encoder layers, final norm).
+    (conv1, bn1 and its 16 bottlenecks), vgg16 15 (13 convolutions, then the two hidden linears of its
+    classifier), vit_b_16 15 (embedding, positions, 12 encoder layers, final norm).
     """
     head = net.get_submodule(backbone.head)
     return [stage for stage in backbone.stages(net)[:-1] if stage is not head and any(True for _ in stage.parameters())]
@@ -230,10 +230,19 @@ def layer_names(net: nn.Module, backbone: Backbone) -> list[str]:
 
 @functools.cache
 def layer_names_of(name: str) -> tuple[str, ...]:
-    """Every module name of backbone `name` (built on the meta device: no memory, no weights)."""
+    """The module names of backbone `name` a freeze can start at: those holding parameters, head and auxiliary
+    branches excluded (built on the meta device: no memory, no weights)."""
+    backbone = get_backbone(name)
     with torch.device("meta"):
-        net = tv_models.get_model(get_backbone(name).torchvision_name, weights=None)
-    return tuple(n for n, _ in net.named_modules() if n)
+        net = tv_models.get_model(backbone.torchvision_name, weights=None)
+    excluded = [backbone.head, *(branch.module for branch in backbone.aux)]
+    return tuple(
+        n
+        for n, module in net.named_modules()
+        if n
+        and not any(n == ex or n.startswith(ex + ".") for ex in excluded)
+        and any(True for _ in module.parameters())
+    )
 
 
 def freeze_prefix(net: nn.Module, modules: list[str], fraction: float, count: int | None = None) -> list[str]:
@@ -400,7 +409,10 @@ def load_model_file(path: Path) -> tuple[FineTuneModel, dict[str, Any]]:
     if not isinstance(classes, list) or len(classes) < 2 or not isinstance(state, dict):
         raise UserError(f"{path} is damaged: its class list or weights are not what a model file holds")
     saved = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    head = HeadSpec(float(saved.get("dropout", 0.0)), int(saved.get("head_hidden", 0)))
+    try:
+        head = HeadSpec(float(saved.get("dropout", 0.0)), int(saved.get("head_hidden", 0)))
+    except (TypeError, ValueError):
+        raise UserError(f"{path} is damaged: its head settings are not numbers") from None
     model = build_model(
         payload["backbone"], len(classes), "none", payload["image_size"], auxiliary_heads=False, head=head
     )

@@ -248,10 +248,23 @@ def read_part(filesystem: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.T
     try:
         with filesystem.open_input_file(path) as handle:
             table = pq.read_table(handle)
-        return table.select(schema.names).cast(schema)
+        return with_columns_added_since(table, schema).select(schema.names).cast(schema)
     except (pa.ArrowException, OSError, KeyError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DamagedFile(path, f"not a readable Parquet file of this table ({reason[:150]})") from None
+
+
+def with_columns_added_since(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table written before some columns existed: a newer setting at its default (what the trial ran with),
+    any other new column null. A table with none of the key columns stays as it is (and fails as damaged)."""
+    if not all(name in table.column_names for name, _, _ in KEY_COLUMNS):
+        return table
+    defaults = TrainConfig().to_dict()
+    for field in schema:
+        if field.name not in table.column_names:
+            value = defaults.get(field.name)
+            table = table.append_column(field, pa.array([value] * table.num_rows, type=field.type))
+    return table
 
 
 class DamagedFile(UserError):

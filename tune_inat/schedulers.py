@@ -10,6 +10,7 @@ The cost: paused trials wait, and resuming one rebuilds its model from the check
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -200,6 +201,8 @@ class BandBracket(_Bracket):
         self._best: dict[str, float] = {}  # best value so far of each trial (W&B's non-strict condition)
 
     def on_result(self, trial: Trial, cur_iter: int, cur_rew: float | None) -> str:
+        if cur_rew is not None and math.isnan(cur_rew):
+            cur_rew = -math.inf  # a diverged value ranks last (sorting NaN would make the threshold arbitrary)
         if cur_rew is not None:
             self._best[trial.trial_id] = max(self._best.get(trial.trial_id, cur_rew), cur_rew)
         for milestone, recorded in self._rungs:

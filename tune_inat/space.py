@@ -455,6 +455,13 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
         )
     if not isinstance(options.val_fraction, (int, float)) or not 0 < options.val_fraction < 1:
         raise _fail(source, "tune_inat.val_fraction", f"must be between 0 and 1, got {options.val_fraction!r}")
+    bands = checked["scheduler_options"]
+    if options.scheduler == "hyperband" and not (
+        bands["min_iter"] >= 1 or (bands["max_iter"] >= 1 and bands["s"] >= 1)
+    ):
+        raise _fail(
+            source, "tune_inat.scheduler", "hyperband needs min_iter >= 1, or max_iter and s (as W&B's schema says)"
+        )
     gpus = checked["gpus_per_trial"]
     if gpus is not None and gpus > 1 and not gpus.is_integer():
         raise _fail(source, "tune_inat.gpus_per_trial", f"a share above 1 must be a whole number of GPUs, got {gpus}")

@@ -477,7 +477,7 @@ def _translate_values(
             and kind in ("frozen", "trainable")
             and all(isinstance(spec.get(b), int) for b in ("min", "max"))
         ):
-            choices = list(range(spec["min"], spec["max"] + 1))[:1000]  # a range of counts: every count in it
+            choices = list(range(spec["min"], spec["max"] + 1)[:1000])  # a range of counts: every count in it
             spec = {k: v for k, v in spec.items() if k not in ("min", "max", "distribution", "q")} | {"values": choices}
         if choices is None:
             problems.append(f"{where}: freezing by {kind} takes value or values, not {describe(spec)}")
