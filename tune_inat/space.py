@@ -558,6 +558,8 @@ def read_space(raw: Any, source: str) -> SpaceReading:
                 parameters[parameter.name] = parameter
     options = _attempt(problems, _parse_options, source, raw.get("tune_inat"), raw)
     if problems or options is None:
+        if options is not None and parameters:  # the values that did translate are checked too, in the same message
+            problems += _attempt(problems, _check_values, SearchSpec(source, metric, mode, parameters, options)) or []
         raise one_error(source, problems)
     spec = SearchSpec(source, metric, mode, parameters, options)
     for check in (check_searcher_fits, check_start_with):
