@@ -38,7 +38,7 @@ def test_seed_names_and_yaml_types_are_accepted() -> None:
         ({"batch_size": 1}, "batch_size must be an integer >= 2"),
         ({"batch_size": 32.5}, "batch_size must be an integer"),
         ({"epochs": "many"}, "epochs must be an integer"),
-        ({"optimizer": "lion"}, "optimizer must be adamw or sgd"),
+        ({"optimizer": "lion"}, "optimizer must be adamw, adam, nadam, rmsprop or sgd"),
         ({"grad_accum_steps": 3}, "divides batch_size"),
         ({"learnin_rate": 0.1}, "unknown setting 'learnin_rate'"),
         ({"lr": 0.1, "learning_rate": 0.2}, "lr is given twice"),
