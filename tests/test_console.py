@@ -72,7 +72,10 @@ def test_the_demo_repeats_exactly_and_its_console_is_short(demo_search, tmp_path
     console = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     console = [line for line in console if not line.startswith("decoding ")]  # the one-time cache build's bar
     print("\n".join(console))
-    assert len(console) <= CONSOLE_LINE_BUDGET, len(console)
+    # a status block comes every 30 s, so a slow host prints more of them: the rest of the console is fixed
+    block = re.compile(r"\[\d+:\d\d(:\d\d)?\] trials: |  best \w+ .*: trial |  \d+ trial-epochs at most still to run")
+    rest = [line for line in console if not block.match(line)]
+    assert len(rest) <= CONSOLE_LINE_BUDGET - 3 * 5, len(rest)  # the README's demo console: 5 blocks of 3 lines
     for pattern in RAY_INTERNALS:
         assert not any(re.search(pattern, line) for line in console), pattern
     assert any(line.startswith("[") and "trials:" in line for line in console)  # the status block
