@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_stages_compose_to_the_forward_pass(name: str) -> None:
     torch.manual_seed(0)
-    size = SMALL.get(name, 32)
+    size = max(SMALL.get(name, 32), BACKBONES[name].min_size)
     model = build_model(name, 10, "none", size, freeze_fraction=0.5).eval()
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():

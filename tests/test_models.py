@@ -31,7 +31,7 @@ def test_every_backbone_predicts_at_native_size_and_trains_a_step(name: str) -> 
     with torch.inference_mode():
         assert model(torch.randn(1, 3, native, native)).shape == (1, 10)
 
-    small = SMALL_SIZE.get(name, 32)
+    small = max(SMALL_SIZE.get(name, 32), BACKBONES[name].min_size)
     model = build_model(name, 10, weights="none", image_size=small, freeze_fraction=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     head = dict(model.named_parameters())[sorted(model.head_parameter_names())[0]]

@@ -82,7 +82,7 @@ class TrainConfig:
                 "head_hidden",
                 "a whole number of units in [0, 65536] (0: no hidden layer)",
             ),
-            (self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS)),
+            (self.optimizer in OPTIMIZERS, "optimizer", ", ".join(OPTIMIZERS[:-1]) + " or " + OPTIMIZERS[-1]),
             (self.lr > 0, "lr", "a positive number"),
             (self.backbone_lr_scale > 0, "backbone_lr_scale", "a positive number"),
             (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
