@@ -13,7 +13,6 @@ from tune_inat.data.dataset import DataConfig, prepare_train_val
 from tune_inat.engine import FineTuning, TrainConfig
 from tune_inat.features import feature_key
 from tune_inat.models import BACKBONES, build_model
-from tune_inat.stages import forward_stages
 
 SMALL = {"inception_v3": 80, "vit_b_16": 32}
 CPU = torch.device("cpu")
@@ -40,7 +39,7 @@ def test_stages_include_the_imagenet_input_transform(name: str) -> None:
     x = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         expected = net(x)
-        for stage in forward_stages(net, name):
+        for stage in BACKBONES[name].stages(net):
             x = stage(x)
     assert torch.equal(x, expected)
 

@@ -113,7 +113,7 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
         ("parameters:\n  lr: {value: -0.001}\n", "parameters.lr: lr must be a positive number"),
         (
             "parameters:\n  freeze: {values: [0.5, 1.5]}\n",
-            r"parameters.freeze_fraction: freeze_fraction must be a number in \[0, 1\]",
+            r"parameters.freeze \(freeze_fraction\): freeze_fraction must be a number in \[0, 1\]",
         ),
         ("parameters:\n  lr: {distribution: normal, min: 0, max: 1}\n", "distribution 'normal' is not supported"),
         (
@@ -128,7 +128,7 @@ def test_image_sizes_follow_the_backbones_native_size() -> None:
         ("parameters:\n  epochs: {distribution: uniform, min: 1, max: 5.5}\n", "epochs is a whole number"),
         (
             "parameters:\n  image_size: {distribution: int_uniform, min: 64, max: 128}\n",
-            "image_size must be a value or a list",
+            "parameters.image_size: must be a value or a list",
         ),
         (
             "parameters:\n  backbone: {value: inception_v3}\n  image_size: {value: 32}\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from tune_inat.errors import UserError
 from tune_inat.settings import FIELD_TYPES
 from tune_inat.space import load_space, parse_space, with_fixed
-from tune_inat.vocabulary import FREEZE_KEYS, KEY_ALIASES, PLUMBING
+from tune_inat.vocabulary import FREEZE_KEYS, KEY_ALIASES, PLUMBING, printable
 
 KEYS = sorted(FIELD_TYPES) + sorted(KEY_ALIASES) + sorted(FREEZE_KEYS) + sorted(PLUMBING)
 scalars = st.one_of(
@@ -44,6 +45,13 @@ specs = st.one_of(
         {"values": st.lists(scalars, min_size=1, max_size=3), "probabilities": st.lists(scalars, max_size=3)}
     ),
 )
+def problems_of(message: str, source: str) -> list[str]:
+    """The problems of one message: 'source: a' or 'source: N problems: a | b'."""
+    body = message.removeprefix(f"{source}: ")
+    head, _, rest = body.partition(" problems: ")
+    return rest.split(" | ") if head.isdigit() else [body]
+
+
 FAST = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -56,7 +64,8 @@ def test_any_parameter_ends_in_a_spec_or_one_error_naming_it(key: str, spec) -> 
     except UserError as err:
         message = str(err)
         assert "\n" not in message and message.startswith("fuzz.yaml: ")
-        assert f"parameters.{key}" in message or "given twice" in message or "parameters." in message, message
+        for problem in problems_of(message, "fuzz.yaml"):  # each one names the key, never another
+            assert f"parameters.{printable(key)}" in problem or "given twice" in problem, message
 
 
 @FAST
@@ -67,6 +76,8 @@ def test_any_set_value_ends_in_a_spec_or_one_error_naming_the_key(key: str, valu
     except UserError as err:
         message = str(err)
         assert "\n" not in message and message.startswith("--set: ")
+        for problem in problems_of(message, "--set"):
+            assert problem.startswith(printable(key)) or "given twice" in problem, message
 
 
 @FAST
@@ -90,3 +101,24 @@ def test_non_finite_and_huge_numbers_are_refused_by_name() -> None:
             assert "parameters.lr" in str(err)
         else:
             raise AssertionError(f"lr {value} was accepted")
+
+
+def test_a_bad_value_is_told_once_under_the_key_its_author_wrote() -> None:
+    """A bad fixed value is not blamed on the searched keys beside it (each is checked against the good ones)."""
+    raw = {
+        "parameters": {
+            "model": {"value": "resnet18"},
+            "num_epochs": {"value": 0},
+            "learning_rate": {"values": [1e-3, 1e-2]},
+            "freeze_strategy": {"values": ["fc_only", "all_unfrozen"]},
+        }
+    }
+    with pytest.raises(UserError) as err:
+        parse_space(raw, "f.yaml")
+    assert str(err.value) == "f.yaml: parameters.num_epochs (epochs): epochs must be an integer >= 1, got 0"
+    with pytest.raises(UserError) as err:
+        with_fixed(load_space("demo"), {"learning_rate": -1})
+    assert str(err.value) == "--set: learning_rate (lr): lr must be a positive number, got -1.0"
+    raw["parameters"] |= {"num_epochs": {"value": 2}, "batch_size": {"value": 6}, "accumulation_steps": {"value": 4}}
+    with pytest.raises(UserError, match=r"^f.yaml: parameters: grad_accum_steps must be an integer >= 1 that divides"):
+        parse_space(raw, "f.yaml")

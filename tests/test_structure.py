@@ -100,6 +100,8 @@ def test_one_ranking_picks_the_lowest_loss_everywhere(loss_search) -> None:
     [
         ("tune_inat.settings", ["torch", "ray"]),
         ("tune_inat.space", ["torch", "ray"]),
+        ("tune_inat.spec", ["torch", "ray"]),
+        ("tune_inat.plan", ["torch", "ray"]),
         ("tune_inat.results", ["torch", "ray"]),
         ("tune_inat.analyze", ["torch", "ray"]),
         ("tune_inat.final", ["ray"]),
@@ -237,3 +239,51 @@ def test_the_code_is_lint_clean() -> None:
         [str(ruff), "check", "tune_inat", "tests", "benchmarks"], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def _imports_of(path: Path) -> set[str]:
+    """The tune_inat modules a module imports, at its top or inside a function (not under TYPE_CHECKING)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tune_inat"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("tune_inat"))
+    return found
+
+
+def test_no_module_imports_itself_round_a_circle() -> None:
+    """One module, one job, in one direction: a circle of imports (even inside functions) is two modules in one."""
+    modules = {
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (REPO / "tune_inat").rglob("*.py")
+    }
+    graph = {name: {m for m in _imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+    graph = {name: targets - {"tune_inat"} for name, targets in graph.items()}
+    circles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        for target in sorted(graph[module]):
+            if target in trail:
+                circle = trail[trail.index(target) :] + [target]
+                if min(circle[:-1]) == circle[0]:  # each circle once, from its smallest name
+                    circles.append(" -> ".join(circle))
+            elif len(trail) < 12:
+                visit(target, trail + [target])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert not circles, "import circles: " + "; ".join(sorted(set(circles)))

@@ -11,8 +11,9 @@ import math
 from dataclasses import fields
 
 from tune_inat.settings import TrainConfig
-from tune_inat.space import SearchSpec, SpaceReading
-from tune_inat.strategies import hyperband_bands
+from tune_inat.space import SpaceReading
+from tune_inat.spec import SearchSpec
+from tune_inat.strategies import expands_grid, hyperband_bands
 
 
 def rungs(spec: SearchSpec) -> list[int]:
@@ -29,7 +30,7 @@ def rungs(spec: SearchSpec) -> list[int]:
 
 def trial_count(spec: SearchSpec) -> int:
     """Trials the search runs: every combination for a grid, else num_samples."""
-    if not spec.expands_grid:
+    if not expands_grid(spec):
         return spec.options.num_samples
     return math.prod(len(p.values) for p in spec.parameters.values() if p.distribution == "categorical")
 

@@ -51,16 +51,9 @@ from tune_inat.results import (
     write_text,
 )
 from tune_inat.settings import settings_of_row, settings_yaml
-from tune_inat.space import (
-    SearchSpec,
-    differences,
-    load_space,
-    parse_duration,
-    spec_from_dict,
-    with_fixed,
-    with_overrides,
-)
-from tune_inat.strategies import SCHEDULERS, SEARCHERS
+from tune_inat.space import load_space, parse_duration, with_fixed, with_overrides
+from tune_inat.spec import SearchSpec, differences, spec_from_dict
+from tune_inat.strategies import SCHEDULERS, SEARCHERS, expands_grid
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +189,7 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool =
     if fits == 0:
         raise UserError(f"no node has {cpus:g} CPUs and {gpus:g} GPUs free for one trial")
     max_concurrent = options.max_concurrent_trials or max(
-        1, fits if spec.expands_grid else min(fits, options.num_samples)
+        1, fits if expands_grid(spec) else min(fits, options.num_samples)
     )
     return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
 
@@ -569,7 +562,7 @@ def execute(
     results = complete_results(place.results, place.name, spec.metric, spec.mode, trials)
     left = unfinished_trials(trials)
     unfinished = len(left)
-    if not spec.expands_grid and not spec.options.time_budget_s:
+    if not expands_grid(spec) and not spec.options.time_budget_s:
         unfinished += max(0, spec.options.num_samples - len(trials))  # not even started yet
     # A failed save matters only if the saved state is behind: one that shows every trial ended was written after
     # them (Ray retries its saves, so a passing failure of one is followed by a good one).

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_inat.space import SearchSpec
+from tune_inat.spec import SearchSpec
 from tune_inat.warm import PriorTrial, warm_start
 
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tune_inat.backbones import get_backbone
 from tune_inat.cli import read_yaml
 from tune_inat.errors import UserError
 from tune_inat.settings import FIELD_TYPES, TrainConfig, coerce_setting, coerce_settings
-from tune_inat.strategies import SCHEDULERS, SEARCHERS, scheduler_options, searcher_entry
+from tune_inat.spec import Parameter, SearchOptions, SearchSpec
+from tune_inat.strategies import SCHEDULERS, SEARCHERS, expands_grid, scheduler_options, searcher_entry
 from tune_inat.vocabulary import Reading, nearest_key, printable, resolve_metric, translate_parameters
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -52,153 +52,6 @@ SWEEP_KEYS = {
 }
 PARAMETER_KEYS = {"value", "values", "distribution", "min", "max", "q", "probabilities"}
 OUR_KEYS = {"rename", "ignore"}  # in the tune_inat: block, beside the options: how to read the user's own names
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One searched or fixed setting, in W&B terms."""
-
-    name: str  # canonical TrainConfig field name
-    distribution: str  # one of DISTRIBUTIONS
-    values: tuple = ()  # constant: one value; categorical: the choices
-    low: float | None = None
-    high: float | None = None
-    q: float | None = None
-    probabilities: tuple = ()  # categorical: the chance of each value in random search (W&B's probabilities)
-
-    @property
-    def is_fixed(self) -> bool:
-        return self.distribution == "constant"
-
-    def candidates(self) -> tuple:
-        """Every value worth checking: the choices, or the range's ends."""
-        return self.values if self.values else (self.low, self.high)
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """Our additions (the `tune_inat:` key), every one overridable from the command line."""
-
-    num_samples: int = 8
-    max_epochs: int | None = None  # cap on every trial's epochs; ASHA's max_t. None: the space's largest
-    scheduler: str = "asha"
-    scheduler_options: dict[str, Any] = field(default_factory=dict)  # the scheduler's own knobs (strategies.py)
-    searcher: str | None = None  # None: from `method`
-    gpus_per_trial: float | None = None  # None: 0.25 where there are GPUs, else 0
-    cpus_per_trial: float | None = None  # None: 2 with GPUs, 1 without
-    max_concurrent_trials: int | None = None  # None: as many as the resources fit
-    time_budget_s: float | None = None
-    seed: int = 0
-    max_failures: int = 1
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    reproducible: bool = False  # decisions in trial order: the same seed gives the same trials and winner
-    start_with: tuple = ()  # recipes (settings -> value) the searcher tries first (Ray's points_to_evaluate)
-    warm_start: str | None = None  # an earlier search's results folder whose finished trials the searcher learns from
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    source: str
-    metric: str
-    mode: str
-    parameters: dict[str, Parameter]
-    options: SearchOptions = field(default_factory=SearchOptions)
-
-    @property
-    def searcher(self) -> str:
-        return self.options.searcher or "optuna"
-
-    @property
-    def expands_grid(self) -> bool:
-        """A grid: every combination of the listed values runs once (num_samples does not apply)."""
-        return searcher_entry(self.searcher).expands_grid
-
-    def searched(self) -> list[str]:
-        """The settings that vary between trials."""
-        return [name for name, p in self.parameters.items() if not p.is_fixed]
-
-    def fixed(self) -> dict[str, Any]:
-        """The settings every trial shares."""
-        return {name: p.values[0] for name, p in self.parameters.items() if p.is_fixed}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form, written into search.json; `spec_from_dict` reads it back."""
-        return {
-            "source": self.source,
-            "metric": self.metric,
-            "mode": self.mode,
-            "parameters": {
-                name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()}
-                for name, p in self.parameters.items()
-            },
-            "options": asdict(self.options),
-        }
-
-    def values_of(self, name: str) -> tuple:
-        """All values a discrete setting can take (the TrainConfig default if not in the space)."""
-        parameter = self.parameters.get(name)
-        if parameter is None:
-            return (getattr(TrainConfig(), name),)
-        if parameter.values:
-            return parameter.values
-        raise UserError(f"{self.source}: parameters.{name} must be a value or a list of values, not a range")
-
-    def largest_epochs(self) -> int:
-        parameter = self.parameters.get("epochs")
-        if parameter is None:
-            return TrainConfig().epochs
-        return int(max(parameter.candidates()))
-
-    @property
-    def max_epochs(self) -> int:
-        return self.options.max_epochs or self.largest_epochs()
-
-    def image_sizes(self) -> set[int]:
-        """Every input resolution a trial can use: the decode cache is built once for each."""
-        sizes = set()
-        for backbone, size in itertools.product(self.values_of("backbone"), self.values_of("image_size")):
-            sizes.add(size or get_backbone(backbone).native_size)
-        return sizes
-
-
-def spec_from_dict(raw: Any, source: str) -> SearchSpec:
-    """A SearchSpec from `SearchSpec.to_dict()` output (search.json); damage is one UserError naming `source`."""
-    try:
-        parameters = {
-            name: Parameter(**{**p, "values": tuple(p["values"]), "probabilities": tuple(p.get("probabilities", ()))})
-            for name, p in raw["parameters"].items()
-        }
-        options = SearchOptions(**{**raw["options"], "start_with": tuple(raw["options"].get("start_with", ()))})
-        return SearchSpec(raw["source"], raw["metric"], raw["mode"], parameters, options)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{source}: the saved search space is damaged ({type(err).__name__}: {err})") from None
-
-
-def _describe(parameter: Parameter | None) -> str:
-    if parameter is None:
-        return "default"
-    if parameter.is_fixed:
-        return repr(parameter.values[0])
-    span = f" {list(parameter.values)}" if parameter.values else f" [{parameter.low:g}, {parameter.high:g}]"
-    return parameter.distribution + span
-
-
-def differences(saved: SearchSpec, given: SearchSpec) -> list[str]:
-    """What `given` changes against `saved`, one phrase each ("metric val_acc -> val_loss"); [] when the same search."""
-    changes = []
-    for key in ("metric", "mode"):
-        if getattr(saved, key) != getattr(given, key):
-            changes.append(f"{key} {getattr(saved, key)} -> {getattr(given, key)}")
-    for name in sorted(set(saved.parameters) | set(given.parameters)):
-        a, b = saved.parameters.get(name), given.parameters.get(name)
-        if a != b:
-            changes.append(f"parameters.{name} {_describe(a)} -> {_describe(b)}")
-    for option in fields(SearchOptions):
-        a, b = getattr(saved.options, option.name), getattr(given.options, option.name)
-        if a != b:
-            changes.append(f"{option.name} {a!r} -> {b!r}")
-    return changes
 
 
 def _fail(source: str, key: str, message: str) -> UserError:
@@ -306,26 +159,50 @@ def _probabilities(raw: dict, where: str, source: str) -> tuple:
     return tuple(float(p) for p in chances)
 
 
-def _check_values(spec: SearchSpec) -> list[str]:
-    """Every value a trial can get must make a valid TrainConfig: the problems now, not in trial 17."""
-    problems: list[str] = []
-    base = {name: p.values[0] for name, p in spec.parameters.items() if p.is_fixed}
+def _check_values(spec: SearchSpec, written_as: dict[str, str] | None = None) -> list[str]:
+    """Every value a trial can get must make a valid TrainConfig: the problems now, not in trial 17.
+
+    Each problem names the key as the user wrote it (`written_as`: setting -> their key), and ours beside it."""
+    written_as = written_as or {}
+
+    def where(name: str) -> str:
+        key = written_as.get(name, name)
+        return f"parameters.{printable(key)}" + (f" ({name})" if key != name else "")
+
+    def problem(values: dict[str, Any]) -> str | None:
+        try:
+            TrainConfig.from_dict({"backbone": spec.values_of("backbone")[0], "image_size": None, **values})
+        except UserError as err:
+            return str(err)
+        return None
+
+    problems = [
+        f"{where(name)}: must be a value or a list of values, not a range (a decode cache is made for each size)"
+        for name in ("backbone", "image_size")
+        if name in spec.parameters and not spec.parameters[name].values
+    ]
+    if problems:
+        return problems
+    fixed = {name: p.values[0] for name, p in spec.parameters.items() if p.is_fixed and name != "image_size"}
+    base = {}  # the fixed values that hold on their own: a bad one is told once, never blamed on another key
+    for name, value in fixed.items():
+        if name != "backbone" and (err := problem({name: value})):
+            problems.append(f"{where(name)}: {err}")
+        else:
+            base[name] = value
+    if len(base) == len(fixed) and (err := problem(base)):  # each fine alone, not together (grad_accum_steps)
+        problems.append(f"parameters: {err}")
+        base = {name: value for name, value in base.items() if name == "backbone"}
     for name, parameter in spec.parameters.items():
-        if name in ("backbone", "image_size"):
+        if parameter.is_fixed or name in ("backbone", "image_size"):
             continue
         for value in parameter.candidates():
-            try:
-                TrainConfig.from_dict(
-                    {**base, "backbone": spec.values_of("backbone")[0], "image_size": None, name: value}
-                )
-            except UserError as err:
-                problems.append(f"parameters.{name}: {err}")
+            if err := problem({**base, name: value}):
+                problems.append(f"{where(name)}: {err}")
                 break
     for backbone, size in itertools.product(spec.values_of("backbone"), spec.values_of("image_size")):
-        try:
-            TrainConfig.from_dict({**base, "backbone": backbone, "image_size": size})
-        except UserError as err:
-            problems.append(f"parameters.{'backbone' if 'backbone' in str(err) else 'image_size'}: {err}")
+        if err := problem({**base, "backbone": backbone, "image_size": size}):
+            problems.append(f"{where('image_size' if 'image_size' in err else 'backbone')}: {err}")
     layers = [f.partition(":")[2] for f in spec.values_of("freeze_form") if f.startswith("from:")]
     if layers:  # a layer to unfreeze from must be one of each backbone's own
         from tune_inat.models import layer_names_of
@@ -335,7 +212,7 @@ def _check_values(spec: SearchSpec) -> list[str]:
             if layer not in names and not any(n.startswith(layer + ".") for n in names):
                 top = [n for n in names if "." not in n]
                 problems.append(
-                    f"parameters.freeze_form: {backbone} has no layer {layer!r}; its layers: {', '.join(top)}"
+                    f"{where('freeze_form')}: {backbone} has no layer {layer!r}; its layers: {', '.join(top)}"
                 )
     return problems
 
@@ -545,6 +422,7 @@ def read_space(raw: Any, source: str) -> SpaceReading:
     parameters_raw = raw.get("parameters")
     parameters: dict[str, Parameter] = {}
     readings: list[Reading] = []
+    written_as: dict[str, str] = {}
     if not isinstance(parameters_raw, dict) or not parameters_raw:
         problems.append("parameters: a mapping of settings is required")
     else:
@@ -552,6 +430,7 @@ def read_space(raw: Any, source: str) -> SpaceReading:
             parameters_raw, set(FIELD_TYPES), {str(k): v for k, v in rename.items()}, set(map(str, ignore))
         )
         problems += translate_problems
+        written_as = {item.setting: item.key for item in translated}
         for item in translated:
             parameter = _attempt(problems, _parse_parameter, source, item.key, item.spec, item.setting)
             if parameter is not None:
@@ -559,12 +438,13 @@ def read_space(raw: Any, source: str) -> SpaceReading:
     options = _attempt(problems, _parse_options, source, raw.get("tune_inat"), raw)
     if problems or options is None:
         if options is not None and parameters:  # the values that did translate are checked too, in the same message
-            problems += _attempt(problems, _check_values, SearchSpec(source, metric, mode, parameters, options)) or []
+            spec = SearchSpec(source, metric, mode, parameters, options)
+            problems += _attempt(problems, _check_values, spec, written_as) or []
         raise one_error(source, problems)
     spec = SearchSpec(source, metric, mode, parameters, options)
     for check in (check_searcher_fits, check_start_with):
         _attempt(problems, check, spec)
-    problems += _check_values(spec)
+    problems += _check_values(spec, written_as)
     if problems:
         raise one_error(source, [str(p) for p in problems])
     return SpaceReading(spec, tuple(readings))
@@ -679,9 +559,9 @@ def with_fixed(spec: SearchSpec, settings: dict[str, Any]) -> SearchSpec:
     )
     spec = replace(spec, parameters=parameters, options=replace(spec.options, start_with=recipes))
     check_searcher_fits(spec)
-    problems = _check_values(spec)
+    problems = _check_values(spec, {item.setting: item.key for item in translated})
     if problems:
-        raise one_error("--set", problems)
+        raise one_error("--set", [p.replace("parameters.", "", 1) for p in problems])
     check_start_with(spec)
     return spec
 
@@ -702,7 +582,7 @@ def searched_tune_space(spec: SearchSpec) -> dict[str, Any]:
         if p.distribution == "categorical" and p.probabilities and spec.searcher == "random":
             space[name] = tune.choice(weighted_choices(p.values, p.probabilities))
         elif p.distribution == "categorical":
-            space[name] = tune.grid_search(list(p.values)) if spec.expands_grid else tune.choice(list(p.values))
+            space[name] = tune.grid_search(list(p.values)) if expands_grid(spec) else tune.choice(list(p.values))
         elif p.distribution == "uniform":
             space[name] = tune.uniform(p.low, p.high)
         elif p.distribution == "int_uniform":

@@ -56,16 +56,6 @@ class ClassToken(nn.Module):
         return x[:, 0]
 
 
-def forward_stages(net: nn.Module, backbone: str) -> list[nn.Module]:
-    """The modules whose composition is `net`'s forward in evaluation mode (no auxiliary heads).
-
-    The list itself is a fact of the backbone's registry entry (`backbones.py`).
-    """
-    from tune_inat.backbones import get_backbone
-
-    return get_backbone(backbone).stages(net)
-
-
 def frozen_prefix_length(stages: list[nn.Module]) -> int:
     """How many leading stages own no trainable parameter (the last stage, the head, always trains)."""
     for index, stage in enumerate(stages):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tune_inat.errors import UserError
 
 if TYPE_CHECKING:
-    from tune_inat.space import SearchSpec
+    from tune_inat.spec import SearchSpec
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ def searcher_entry(name: str, source: str = "tune_inat.searcher") -> Searcher:
     if name not in SEARCHERS:
         raise UserError(f"{source}: {name!r} is not one of {', '.join(SEARCHERS)}")
     return SEARCHERS[name]
+
+
+def expands_grid(spec: SearchSpec) -> bool:
+    """A grid: every combination of the listed values runs once (num_samples does not apply)."""
+    return searcher_entry(spec.searcher).expands_grid
 
 
 def check_option(owner: str, name: str, option: Option, value: Any, source: str) -> Any:

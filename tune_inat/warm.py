@@ -17,7 +17,7 @@ from typing import Any
 from tune_inat.errors import UserError
 from tune_inat.results import rank_trials, read_results
 from tune_inat.settings import plain
-from tune_inat.space import Parameter, SearchSpec
+from tune_inat.spec import Parameter, SearchSpec
 
 BEST_RECIPES_FIRST = 3
 
