@@ -45,6 +45,8 @@ specs = st.one_of(
         {"values": st.lists(scalars, min_size=1, max_size=3), "probabilities": st.lists(scalars, max_size=3)}
     ),
 )
+
+
 def problems_of(message: str, source: str) -> list[str]:
     """The problems of one message: 'source: a' or 'source: N problems: a | b'."""
     body = message.removeprefix(f"{source}: ")
