@@ -415,3 +415,65 @@ def test_tables_written_before_the_new_settings_read_back_with_their_defaults(tm
     table = read_part(pafs.LocalFileSystem(), str(tmp_path / "part.parquet"), TRIALS_SCHEMA).to_pylist()[0]
     assert (table["trial_id"], table["freeze_form"], table["dropout"], table["head_hidden"]) == ("t1", "", 0.0, 0)
     assert table["frozen_parameter_share"] is None
+
+
+@pytest.mark.parametrize(
+    "early",
+    [
+        {"min_iter": 1, "eta": 2},
+        {"min_iter": 2, "eta": 3},
+        {"min_iter": 1, "eta": 3, "strict": False},
+        {"max_iter": 27, "s": 2, "eta": 3},
+        {"max_iter": 12, "s": 2, "eta": 2, "strict": False},
+    ],
+)
+@pytest.mark.parametrize("goal", ["maximize", "minimize"])
+def test_hyperband_stops_what_wandbs_engine_stops_at_every_report(early: dict, goal: str, wandb_sweeps) -> None:
+    """Sixteen noisy learning curves reported interleaved, as trials of different speeds do: after each report,
+    W&B's own `hyperband_stop_runs` on every run's history so far and our bracket decide the same for it."""
+    import random
+    from types import SimpleNamespace
+
+    from tune_inat.schedulers import BandBracket
+
+    sweeps, epochs = wandb_sweeps, 12
+    metric = "val_acc" if goal == "maximize" else "val_loss"
+    config = {
+        "method": "random",
+        "metric": {"name": metric, "goal": goal},
+        "parameters": {"lr": {"values": [0.1]}},
+        "early_terminate": {"type": "hyperband", **early},
+    }
+    options = {"min_iter": 0, "max_iter": 0, "s": 0, "eta": 3, **early}
+    bands = [
+        b for b in wandb_bands(options["min_iter"], options["max_iter"], options["s"], options["eta"]) if b < epochs
+    ]
+    bracket = BandBracket(bands, eta=options["eta"], strict=early.get("strict", True))
+    rng = random.Random(str(sorted(early.items())) + goal)
+    curves, events = {}, []
+    for index in range(16):
+        name, level, speed, start = f"r{index:02d}", rng.uniform(0.2, 0.8), rng.uniform(0.5, 2.0), rng.uniform(0, 3)
+        curves[name] = [level * (1 - 0.5**epoch) + rng.gauss(0, 0.05) for epoch in range(1, epochs + 1)]
+        events += [(start + epoch * speed, name, epoch) for epoch in range(1, epochs + 1)]
+    histories: dict[str, list] = {name: [] for name in curves}
+    ended: set[str] = set()
+    stops = 0
+    for _, name, epoch in sorted(events):
+        if name in ended:
+            continue
+        value = curves[name][epoch - 1] if goal == "maximize" else 1 - curves[name][epoch - 1]  # a loss falls
+        histories[name].append({metric: value})
+        ours = bracket.on_result(SimpleNamespace(trial_id=name), epoch, value if goal == "maximize" else -value)
+        runs = [
+            sweeps.SweepRun(
+                name=n, state=sweeps.RunState.finished if n in ended else sweeps.RunState.running, history=h
+            )
+            for n, h in histories.items()
+            if h
+        ]
+        theirs = name in {run.name for run in sweeps.hyperband_stop_runs(runs, config)}
+        assert (ours == "STOP") == theirs, (name, epoch, ours)
+        if ours == "STOP" or epoch == epochs:
+            ended.add(name)
+            stops += ours == "STOP"
+    assert 0 < stops < len(curves)

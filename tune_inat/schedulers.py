@@ -190,35 +190,44 @@ class PASHA(ASHAScheduler):
 
 
 class BandBracket(_Bracket):
-    """ASHA's bracket at W&B's band epochs, keeping W&B's share: at a band a trial goes on unless its value is
-    below the value ranked int(n / eta) among the n trials that reached the band (itself included)."""
+    """ASHA's bracket deciding at W&B's bands by W&B's rule (its `sweeps` engine, hyperband_stopping.py).
 
-    def __init__(self, milestones: list[int], eta: float, strict: bool) -> None:
+    At every result past the first band, the trial's latest band applies: its value there (strict) or its
+    best so far (not strict) must not be below the value ranked int(n / eta) among the n trials that reached
+    that band, itself included. W&B re-checks every running run at each poll, so a trial past a band can
+    still be stopped there as later trials raise the bar; a Ray scheduler acts on a trial at its own
+    results, so this re-checks at each of the trial's epochs. `recheck=False` decides once, when the trial
+    reaches the band: the reproducible mode needs that, since who has reached a band later depends on timing.
+    """
+
+    def __init__(self, milestones: list[int], eta: float, strict: bool, recheck: bool = True) -> None:
         self.rf = eta
         self._rungs = [(milestone, {}) for milestone in sorted(milestones, reverse=True)]
         self._stop_last_trials = True
         self._strict = strict
+        self._recheck = recheck
         self._best: dict[str, float] = {}  # best value so far of each trial (W&B's non-strict condition)
 
     def on_result(self, trial: Trial, cur_iter: int, cur_rew: float | None) -> str:
-        if cur_rew is not None and math.isnan(cur_rew):
+        if cur_rew is None:
+            return TrialScheduler.CONTINUE
+        if math.isnan(cur_rew):
             cur_rew = -math.inf  # a diverged value ranks last (sorting NaN would make the threshold arbitrary)
-        if cur_rew is not None:
-            self._best[trial.trial_id] = max(self._best.get(trial.trial_id, cur_rew), cur_rew)
-        for milestone, recorded in self._rungs:
-            if cur_iter < milestone or trial.trial_id in recorded:
-                continue
-            if cur_rew is None:
-                return TrialScheduler.CONTINUE
-            recorded[trial.trial_id] = cur_rew
-            ranked = sorted(recorded.values(), reverse=True)
-            threshold = ranked[int(len(ranked) / self.rf)]
-            condition = cur_rew if self._strict else self._best[trial.trial_id]
-            return TrialScheduler.STOP if condition < threshold else TrialScheduler.CONTINUE
-        return TrialScheduler.CONTINUE
+        self._best[trial.trial_id] = max(self._best.get(trial.trial_id, cur_rew), cur_rew)
+        latest = next(((m, recorded) for m, recorded in self._rungs if cur_iter >= m), None)  # highest first
+        if latest is None:
+            return TrialScheduler.CONTINUE
+        milestone, recorded = latest
+        if trial.trial_id in recorded and not self._recheck:
+            return TrialScheduler.CONTINUE
+        recorded.setdefault(trial.trial_id, cur_rew)  # its value at the band (W&B's history[band - 1])
+        ranked = sorted(recorded.values(), reverse=True)
+        threshold = ranked[int((1.0 / self.rf) * len(ranked))]  # W&B's r = 1 / eta, then int(r * n)
+        condition = recorded[trial.trial_id] if self._strict else self._best[trial.trial_id]
+        return TrialScheduler.STOP if condition < threshold else TrialScheduler.CONTINUE
 
 
 def use_bands(scheduler: ASHAScheduler, milestones: list[int], eta: float, strict: bool) -> ASHAScheduler:
-    """Make a one-bracket ASHA (or OrderedASHA) decide at W&B's bands by W&B's rule."""
-    scheduler._brackets = [BandBracket(milestones, eta, strict)]
+    """Make a one-bracket ASHA (or OrderedASHA) decide at W&B's bands by W&B's rule (OrderedASHA: once per band)."""
+    scheduler._brackets = [BandBracket(milestones, eta, strict, recheck=not isinstance(scheduler, OrderedASHA))]
     return scheduler
