@@ -33,7 +33,9 @@ def test_the_cost_is_measured_once_and_then_read_from_the_cache(tmp_path: Path) 
     assert 0 < first.cpu_latency_ms_b1 < first.cpu_latency_ms_b64 and "threads" in first.latency_cpu
     assert first.gpu_latency_ms_b1 is None and first.latency_gpu is None  # measured without a GPU
     assert cost_of("resnet18", 48, 10, None, tmp_path) != first  # another size: its own entry
-    assert len(list((tmp_path / "costs").glob("*.json"))) == 2
+    hidden = cost_of("resnet18", 32, 10, None, tmp_path, head_hidden=64)  # a hidden layer: its own entry
+    assert hidden.total_parameters - first.total_parameters == (512 * 64 + 64 + 64 * 10 + 10) - (512 * 10 + 10)
+    assert len(list((tmp_path / "costs").glob("*.json"))) == 3
 
 
 def test_every_trial_of_the_demo_search_has_its_cost(demo_search) -> None:

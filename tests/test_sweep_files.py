@@ -477,3 +477,42 @@ def test_hyperband_stops_what_wandbs_engine_stops_at_every_report(early: dict, g
             ended.add(name)
             stops += ours == "STOP"
     assert 0 < stops < len(curves)
+
+
+def test_reports_name_the_freezing_that_decides() -> None:
+    """A recipe whose freezing is a form reports the form, not the unused fraction (train, final)."""
+    from tune_inat.settings import TrainConfig
+
+    assert TrainConfig(freeze_form="last_block").describe_freezing() == "freeze last_block"
+    assert TrainConfig(freeze_form="from:layer4", freeze_fraction=0.8).describe_freezing() == "freeze from:layer4"
+    assert TrainConfig(freeze_fraction=0.5).describe_freezing() == "freeze 0.5"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "options", "epochs"),
+    [
+        ("asha", {"grace_period": 1, "reduction_factor": 2}, 10),
+        ("asha", {"grace_period": 2, "reduction_factor": 3}, 30),
+        ("asha", {"grace_period": 3, "reduction_factor": 4}, 7),
+        ("asha", {"grace_period": 4, "reduction_factor": 2}, 5),
+        ("pasha", {"grace_period": 1, "reduction_factor": 3}, 27),
+        ("hyperband", {"max_iter": 27, "s": 2, "eta": 3}, 30),
+        ("hyperband", {"min_iter": 1, "eta": 2}, 12),
+    ],
+)
+def test_the_plans_rungs_are_the_ones_rays_scheduler_is_built_with(scheduler: str, options: dict, epochs: int) -> None:
+    """--plan reads no Ray, so it computes the rungs itself: checked here against the scheduler the search builds."""
+    from tune_inat.plan import rungs
+    from tune_inat.space import parse_space
+    from tune_inat.strategies import SCHEDULERS
+
+    spec = parse_space(
+        {
+            "parameters": {"lr": {"value": 0.01}, "epochs": {"value": epochs}},
+            "tune_inat": {"scheduler": {"type": scheduler, **options}},
+        },
+        "inline",
+    )
+    built = SCHEDULERS[scheduler].build(spec)
+    milestones = sorted(int(m) for m, _ in built._brackets[0]._rungs if m < epochs)
+    assert rungs(spec) == milestones and milestones

@@ -1,6 +1,6 @@
 """What a model costs where it will run: parameters, compute, file size and inference latency.
 
-Measured once per (backbone, image size, classes, machine) and shared through a small cache
+Measured once per (backbone, image size, classes, head, machine) and shared through a small cache
 (`<cache_dir>/costs/*.json`, written under a file lock), not once per trial: every trial of a search
 with that backbone and size reads the first one's numbers. Compute is counted by PyTorch's own FLOP
 counter, which counts 2 FLOPs per multiply-add (torchvision's published GFLOPS count multiply-adds,
@@ -27,7 +27,7 @@ from filelock import FileLock
 from torch.utils.flop_counter import FlopCounterMode
 
 from tune_inat.backbones import get_backbone
-from tune_inat.models import build_model
+from tune_inat.models import HeadSpec, build_model
 
 TIMED_SECONDS = 0.3  # per latency: repeated runs until this long (at least MIN_RUNS): the median settles fast
 MIN_RUNS = 5
@@ -99,8 +99,11 @@ def forward_gflop(model: torch.nn.Module, image_size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(backbone: str, image_size: int, num_classes: int, gpu: torch.device | None) -> ModelCost:
-    model = build_model(backbone, num_classes, "none", image_size, auxiliary_heads=False).eval()
+def measure(
+    backbone: str, image_size: int, num_classes: int, gpu: torch.device | None, head_hidden: int = 0
+) -> ModelCost:
+    head = HeadSpec(hidden=head_hidden)  # dropout costs nothing at inference; a hidden layer does
+    model = build_model(backbone, num_classes, "none", image_size, auxiliary_heads=False, head=head).eval()
     weights = io.BytesIO()
     torch.save(model.state_dict(), weights)
     gflop = forward_gflop(model, image_size)
@@ -123,11 +126,19 @@ def measure(backbone: str, image_size: int, num_classes: int, gpu: torch.device 
     return ModelCost(**cost)
 
 
-def cost_of(backbone: str, image_size: int, num_classes: int, gpu: torch.device | None, cache_dir: Path) -> ModelCost:
+def cost_of(
+    backbone: str,
+    image_size: int,
+    num_classes: int,
+    gpu: torch.device | None,
+    cache_dir: Path,
+    head_hidden: int = 0,
+) -> ModelCost:
     """The cost of this model on this machine: from the shared cache, or measured once and cached."""
     machine = f"{cpu_name()}|{torch.get_num_threads()}|{torch.cuda.get_device_name(gpu) if gpu is not None else ''}"
     digest = hashlib.sha256(f"{machine}|{torch.__version__}".encode()).hexdigest()[:12]
-    path = Path(cache_dir) / "costs" / f"{backbone}-{image_size}px-{num_classes}cls-{digest}.json"
+    head = f"-{head_hidden}hidden" if head_hidden else ""
+    path = Path(cache_dir) / "costs" / f"{backbone}-{image_size}px-{num_classes}cls{head}-{digest}.json"
     found = _read(path)
     if found is not None:
         return found
@@ -137,7 +148,7 @@ def cost_of(backbone: str, image_size: int, num_classes: int, gpu: torch.device 
         if found is not None:
             return found
         with torch.random.fork_rng(devices=[gpu] if gpu is not None else []):  # the trial's own draws stay its own
-            cost = measure(backbone, image_size, num_classes, gpu)
+            cost = measure(backbone, image_size, num_classes, gpu, head_hidden)
         partial = path.with_name(f".{path.name}.{os.getpid()}")
         partial.write_text(json.dumps(cost.as_report()))
         os.replace(partial, path)

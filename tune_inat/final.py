@@ -170,7 +170,7 @@ def rank_confirmed(
     table = table.rename(columns={"mean": f"{metric}_mean", "std": f"{metric}_std", "count": "seeds"})
     by_id = {c.trial_id: c for c in candidates}
     table["search_val_acc"] = table["trial_id"].map(lambda t: by_id[t].search_val_acc)
-    for name in ("backbone", "image_size", "freeze_fraction", "lr", "batch_size", "epochs"):
+    for name in ("backbone", "image_size", "freeze_fraction", "freeze_form", "lr", "batch_size", "epochs"):
         table[name] = table["trial_id"].map(lambda t, n=name: getattr(by_id[t].settings, n))
     return table.sort_values(f"{metric}_mean", ascending=mode == "min", kind="stable").reset_index(drop=True)
 
@@ -445,8 +445,8 @@ def run_final(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     markdown = "\n".join(
         [
-            f"Winner: trial `{winner.trial_id}` ({winner.settings.backbone}, {winner.settings.image_size} px, freeze "
-            f"{winner.settings.freeze_fraction:.2f}, lr {winner.settings.lr:.2g}, batch {winner.settings.batch_size}, "
+            f"Winner: trial `{winner.trial_id}` ({winner.settings.backbone}, {winner.settings.image_size} px, "
+            f"{winner.settings.describe_freezing()}, lr {winner.settings.lr:.2g}, batch {winner.settings.batch_size}, "
             f"{winner.settings.epochs} epochs), re-trained on train + validation.",
             "",
             f"**Test accuracy: {100 * accuracy:.1f}%** on {len(labels)} images, evaluated once.",

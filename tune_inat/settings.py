@@ -107,6 +107,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe_freezing(self) -> str:
+        """What decides the freezing: the user's form when given ("freeze last_block"), else the fraction."""
+        return f"freeze {self.freeze_form}" if self.freeze_form else f"freeze {self.freeze_fraction:g}"
+
     def describe_weights(self) -> str:
         """How people say it: "ImageNet weights", "random init", or the file."""
         return {"imagenet": "ImageNet weights", "none": "random init"}.get(self.weights, f"weights {self.weights}")

@@ -121,7 +121,7 @@ def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path)
     fine_tuning = FineTuning(config, data, resolve_device(device_name))
     model = fine_tuning.model
     print(
-        f"{config.backbone} ({config.describe_weights()}), {config.image_size} px, freeze {config.freeze_fraction:g}: "
+        f"{config.backbone} ({config.describe_weights()}), {config.image_size} px, {config.describe_freezing()}: "
         f"{model.num_trainable_parameters():,} of {model.num_parameters():,} parameters train; "
         f"{len(data.train_rows)} train / {len(data.val_rows)} validation images, {len(data.classes)} classes, "
         f"device {fine_tuning.device}"

@@ -220,13 +220,14 @@ def train_and_report(
     if state is not None:
         fine_tuning.load_state_dict(state)
     facts.setdefault("startup_seconds", time.perf_counter() - start)  # the first start only
-    if "forward_gflop" not in facts:  # what the model costs where it runs: measured once per backbone and size
+    if "forward_gflop" not in facts:  # what the model costs where it runs: measured once per backbone, size and head
         cost = cost_of(
             settings.backbone,
             settings.image_size,
             len(data.classes),
             device if device.type == "cuda" else None,
             context.cache_dir,
+            settings.head_hidden,
         )
         facts.update(cost.as_report())
     constant = {
