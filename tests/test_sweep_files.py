@@ -9,6 +9,7 @@ optimizers and head knobs, their metric names and plumbing keys, W&B's probabili
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,6 +313,29 @@ def test_plan_shows_how_each_key_was_read_line_by_line() -> None:
     assert lines[7] == "Scheduler: hyperband (asynchronous), may stop a trial after epoch 3, 9"
     assert lines[8].startswith("Resources: each trial ")
     assert lines[9] == "At most 240 trial-epochs (8 trials x 30 epochs, if none is stopped)"
+
+
+def test_plan_of_a_family_name_and_a_count_of_trainable_blocks_line_by_line() -> None:
+    result = run_cli("tune_inat.search", "--space", str(SWEEPS / "05_k_layers.yaml"), "--plan")
+    assert result.returncode == 0, result.stderr
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert lines[:6] == [
+        f"How {SWEEPS / '05_k_layers.yaml'} was read:",
+        "modelName ['EfficientNetV2', 'efficientnet_v2_s'] -> backbone ['efficientnet_v2_s', 'efficientnet_v2_s'] "
+        "(the family 'EfficientNetV2' means efficientnet_v2_s here (name a size to choose another))",
+        "k_layers [1, 2, 3] -> freeze_form ['trainable:1', 'trainable:2', 'trainable:3']",
+        "img_size 224 -> image_size 224",
+        "learning_rate range [0.0001, 0.01] -> lr range [0.0001, 0.01]",
+        "max_epochs 6 -> epochs 6",
+    ]
+    assert lines[6].startswith("Left at their defaults: weights 'imagenet', optimizer 'adamw'")
+    assert "freeze_fraction" not in lines[6]  # the freeze form decides: the fraction is not a default left
+    assert lines[7:9] == [
+        "Search: random, 8 trials, metric val_acc (maximize), each up to 6 epochs",
+        "Scheduler: asha (asynchronous), may stop a trial after epoch 1, 3",
+    ]
+    assert re.fullmatch(r"Resources: each trial 1 CPUs \(no GPU\); \d+ trials at once", lines[9])  # the host's CPUs
+    assert lines[10:] == ["At most 48 trial-epochs (8 trials x 6 epochs, if none is stopped)"]
 
 
 def test_plan_of_a_file_with_ignored_keys_and_flags_applied() -> None:

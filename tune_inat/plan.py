@@ -24,7 +24,7 @@ def rungs(spec: SearchSpec) -> list[int]:
     if spec.options.scheduler in ("asha", "pasha"):
         grace, factor = min(options["grace_period"], top), options["reduction_factor"]
         count = int(math.log(top / grace) / math.log(factor) + 1)  # Ray's ASHA bracket, one bracket
-        return [m for k in range(count) if (m := grace * factor**k) < top]
+        return [int(m) for k in range(count) if (m := grace * factor**k) < top]
     return []
 
 
