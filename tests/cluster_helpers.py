@@ -207,8 +207,6 @@ def cluster_env(workdir: Path) -> dict[str, str]:
         "TUNE_INAT_CACHE": str(workdir / "driver-cache"),
     }
     env.pop("RAY_ADDRESS", None)
-    # the one-node test cluster (conftest) sets this to 0 to bind Ray to 127.0.0.1; it would forbid worker nodes
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     return env
 
 

@@ -73,12 +73,11 @@ def run_cli(
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray for the whole session: 2 CPUs and one declared (not real) GPU, on 127.0.0.1.
+    """One real local Ray for the whole session: 2 CPUs and one declared (not real) GPU.
 
     The declared GPU lets tests check fractional GPU reservations on a machine without one; the
     trials see no CUDA device and train on the CPU.
     """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     os.environ["WANDB_MODE"] = "offline"  # real wandb, offline runs in the trial folders

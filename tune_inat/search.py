@@ -723,14 +723,34 @@ def quiet_ray_console(verbose: bool) -> None:
             handler.addFilter(OnlyCritical())
 
 
+def require_token_auth() -> None:
+    """The search's own local Ray refuses strangers: token authentication on, whatever the environment says.
+
+    Ray 2.60 cannot bind a local cluster to loopback: its GCS, raylet and workers listen on every
+    interface. Its token authentication is what refuses a client from elsewhere; with
+    RAY_AUTH_MODE=disabled (as older guides set it) anyone who reaches the machine could run code in it.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.warning(
+            "RAY_AUTH_MODE=%s is not used for the search's own local Ray: Ray listens on every interface, so it "
+            "runs with token authentication (join it on purpose with RAY_AUTH_MODE=token and the token in "
+            "~/.ray/auth_token, or start a cluster of your own and pass --address)",
+            mode,
+        )
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()  # Ray's own switch: RAY_AUTH_MODE=token for this process and Ray's, config reloaded
+
+
 def connect_ray(address: str | None, dashboard: bool, worker_logs: bool, verbose: bool = False) -> None:
-    """Start a local Ray on 127.0.0.1, or join `address`; an unreachable cluster is one clear line."""
-    if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local cluster to 127.0.0.1
+    """Start a local Ray (token authentication on, dashboard on 127.0.0.1), or join `address`; an unreachable
+    cluster is one clear line."""
     import ray
 
     level = logging.INFO if verbose else logging.ERROR  # Ray's own warnings (token auth, ...) only when verbose
     if address is None:
+        require_token_auth()
         ray.init(
             include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=level, log_to_driver=worker_logs
         )
