@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import make_folder, run_cli
+from http_helpers import RangeServer
 
 from tune_inat.data.download import download_dataset
 from tune_inat.data.folders import discover
@@ -27,45 +26,14 @@ def _zip_of_dataset(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-class _RangeServer:
-    """Serves one payload at /nature_12K.zip, honouring `Range: bytes=N-`."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.ranges: list[str | None] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                header = self.headers.get("Range")
-                outer.ranges.append(header)
-                start = int(header.split("=")[1].rstrip("-")) if header else 0
-                body = outer.payload[start:]
-                self.send_response(206 if header else 200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/nature_12K.zip"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture()
 def served(tmp_path: Path):
-    server = _RangeServer(_zip_of_dataset(tmp_path))
+    server = RangeServer(_zip_of_dataset(tmp_path))
     yield server
     server.close()
 
 
-def test_download_and_unpack(tmp_path: Path, served: _RangeServer) -> None:
+def test_download_and_unpack(tmp_path: Path, served: RangeServer) -> None:
     dest = download_dataset(tmp_path / "data", served.url, progress=False)
     pool, test = discover(dest)
     assert pool.classes == ("Aves", "Fungi") and len(pool) == 6 and len(test) == 2
@@ -73,7 +41,7 @@ def test_download_and_unpack(tmp_path: Path, served: _RangeServer) -> None:
     assert served.ranges == [None]
 
 
-def test_download_resumes_a_partial_file(tmp_path: Path, served: _RangeServer) -> None:
+def test_download_resumes_a_partial_file(tmp_path: Path, served: RangeServer) -> None:
     dest = tmp_path / "data"
     dest.mkdir()
     half = len(served.payload) // 2
