@@ -61,7 +61,7 @@ def test_a_new_search_on_a_finished_name_is_refused(finished) -> None:
 
 
 def test_automatic_names_never_collide(finished) -> None:
-    from tune_inat.search import SearchPlace, new_name
+    from tune_inat.place import SearchPlace, new_name
     from tune_inat.space import load_space
 
     root, folder, _ = finished

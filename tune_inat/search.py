@@ -11,12 +11,10 @@ what happened (0 done, 1 the search failed, 2 bad input, 130 interrupted).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import pickle
-import shutil
 import socket
 import sys
 import time
@@ -25,13 +23,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 
 from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
 from tune_inat.errors import EXIT_INTERRUPTED, EXIT_SEARCH_FAILED, UserError
-from tune_inat.lock import SearchLock
+from tune_inat.place import Claim, SearchPlace, new_name, newest_search
+from tune_inat.ray_state import recover_replaced_checkpoints, saved_trials, set_aside_broken_ray_state
 from tune_inat.results import (
     BEST_CONFIG_FILE,
     EPOCHS_FILE,
@@ -56,102 +54,6 @@ from tune_inat.spec import SearchSpec, differences, spec_from_dict
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, expands_grid
 
 log = logging.getLogger(__name__)
-
-TUNER_FILE = "tuner.pkl"
-
-
-# -- where a search lives, and who may use it ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchPlace:
-    """One search's two folders: the results (Parquet, search.json) and Ray's experiment state."""
-
-    name: str
-    results: str  # results folder: local path or URI
-    experiment: str  # Ray's experiment folder: absolute path or URI
-
-    @classmethod
-    def of(cls, results_root: str, name: str, storage_root: str | None = None) -> SearchPlace:
-        storage = absolute_location(storage_root or results_root).rstrip("/")
-        return cls(name, f"{absolute_location(results_root).rstrip('/')}/{name}", f"{storage}/{name}")
-
-    def has(self, folder: str, name: str) -> bool:
-        filesystem, path = resolve_folder(folder)
-        return file_exists(filesystem, f"{path}/{name}")
-
-    def restorable(self) -> bool:
-        """Ray saved enough to continue: its tuner and at least one experiment state."""
-        filesystem, path = resolve_folder(self.experiment)
-        if not file_exists(filesystem, f"{path}/{TUNER_FILE}"):
-            return False
-        states = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return any(i.base_name.startswith("experiment_state-") and i.size for i in states)
-
-    def holds_a_search(self) -> bool:
-        """Anything a search leaves: its record, a table, Ray's state."""
-        return any(self.has(self.results, n) for n in (SEARCH_RECORD_FILE, EPOCHS_FILE, TRIALS_FILE)) or self.has(
-            self.experiment, TUNER_FILE
-        )
-
-    def lock(self) -> SearchLock | None:
-        """A lock on the first local folder of the two; None when both are object storage."""
-        for folder in (self.results, self.experiment):
-            if is_local(folder):
-                return SearchLock(Path(folder.removeprefix("file://")), self.name)
-        return None
-
-
-class Claim:
-    """Hold a search's name for as long as it runs: one search per name, a new name never reused."""
-
-    def __init__(self, place: SearchPlace, resume: bool) -> None:
-        self.place = place
-        self.resume = resume
-        self._lock = place.lock()
-
-    def __enter__(self) -> Claim:
-        if self._lock is None:
-            log.warning(
-                "warning: %s cannot be locked (object storage): make sure no other search uses the name %s",
-                self.place.results,
-                self.place.name,
-            )
-        else:
-            self._lock.acquire()
-        if not self.resume and self.place.holds_a_search():
-            self.__exit__(None, None, None)
-            raise UserError(
-                f"{self.place.results} already holds a search named {self.place.name}; continue it with "
-                f"--resume --name {self.place.name}, or start a new one with another --name"
-            )
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._lock is not None:
-            self._lock.release()
-
-
-def new_name(spec: SearchSpec, results_root: str, storage_root: str | None) -> str:
-    """`<space>-<time>`, with a suffix if a search already has that name."""
-    stem = f"{Path(spec.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for suffix in ("", *(f"-{i}" for i in range(2, 100))):
-        if not SearchPlace.of(results_root, stem + suffix, storage_root).holds_a_search():
-            return stem + suffix
-    raise UserError(f"too many searches named {stem}-* in {results_root}; pass --name")
-
-
-def newest_search(stem: str, results_root: str) -> str:
-    """The most recent search of a space in a local results folder (for --resume without --name)."""
-    if not is_local(results_root):
-        raise UserError("--resume with a remote --results needs --name")
-    candidates = sorted(
-        Path(absolute_location(results_root)).glob(f"{stem}-*/{SEARCH_RECORD_FILE}"), key=lambda p: p.stat().st_mtime
-    )
-    if not candidates:
-        raise UserError(f"nothing to resume: no {stem}-* search in {results_root} (pass --name NAME)")
-    return candidates[-1].parent.name
-
 
 # -- planning: what to search, and with which resources ----------------------------------------------
 
@@ -367,100 +269,6 @@ def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:
             f"cannot resume {place.name}: Ray's experiment state in {place.experiment} is damaged "
             f"({reason}); its results stay in {place.results}; start a new search with another --name"
         ) from None
-
-
-RAY_STATE_FILES = {"experiment_state-": ".json", "search_gen_state-": ".json", "searcher-state-": ".pkl"}
-
-
-def _readable(path: Path) -> bool:
-    """Ray's state file parses whole (JSON, or a pickle; search_gen_state is a pickle despite its name)."""
-    try:
-        data = path.read_bytes()
-        if not data:
-            return False
-        if path.name.startswith("experiment_state-"):
-            json.loads(data)
-        else:
-            pickle.loads(data)
-        return True
-    except Exception:  # truncated or garbage: whatever the parser raises
-        return False
-
-
-def set_aside_broken_ray_state(place: SearchPlace) -> None:
-    """Move away what a failed write (a full disk) left broken among Ray's state, so the restore can read the rest.
-
-    Ray saves its state as three files per session (experiment, search generator, searcher); a session
-    with any of them empty or truncated is set aside whole (renamed `.damaged-...`), so Ray falls back
-    to the previous session's consistent set. Empty trial error files hold nothing and are removed.
-    """
-    if not is_local(place.experiment):
-        return
-    folder = Path(place.experiment.removeprefix("file://"))
-    for path in [*folder.glob("trial_*/error.pkl"), *folder.glob("trial_*/error.txt")]:
-        if path.stat().st_size == 0:
-            path.unlink()
-    sessions: dict[str, list[Path]] = {}
-    for prefix, suffix in RAY_STATE_FILES.items():
-        for path in folder.glob(f"{prefix}*{suffix}"):
-            sessions.setdefault(path.name[len(prefix) : -len(suffix)], []).append(path)
-    for session, paths in sessions.items():
-        if not all(_readable(path) for path in paths):
-            log.warning(
-                "warning: Ray's saved state of session %s in %s is damaged (a write that failed?); set aside, "
-                "resuming from the state before it",
-                session,
-                folder,
-            )
-            for path in paths:
-                path.rename(path.with_name(f".damaged-{path.name}"))
-
-
-def recover_replaced_checkpoints(place: SearchPlace) -> None:
-    """Make Ray's saved state name checkpoints that exist again, where Ray had replaced and deleted them.
-
-    Ray deletes a superseded checkpoint as soon as it registers the next one, and saves the experiment
-    state that names the new one a moment later; a search killed in between resumes from a state that
-    names deleted checkpoints, and Ray fails such a trial ("does not exist on storage anymore"). The
-    trial's newest checkpoint on storage (a later epoch, with the whole metrics history) takes the
-    deleted latest one's name, so the trial continues from there, its rows coming from that history; a
-    deleted one the state keeps as best gets an empty folder, which Ray deletes in its turn.
-    """
-    if not is_local(place.experiment):
-        return  # object storage: no renames there; Ray fails such a trial and says why
-    for trial in saved_trials(place):
-        latest = Path(trial.checkpoint.path) if trial.checkpoint is not None else None
-        if latest is None or latest.exists():
-            continue
-        newer = sorted(path for path in latest.parent.glob("checkpoint_*") if path.name > latest.name)
-        if not newer:
-            continue  # nothing later to continue from: Ray fails the trial and says why
-        log.warning(
-            "warning: trial %s: Ray's saved state names %s, deleted just before the search stopped; the trial "
-            "resumes from its newest checkpoint, %s (renamed %s)",
-            trial.trial_id,
-            latest.name,
-            newer[-1].name,
-            latest.name,
-        )
-        for superseded in newer[:-1]:  # named nowhere in Ray's state: nothing else would remove them
-            shutil.rmtree(superseded, ignore_errors=True)
-        newer[-1].rename(latest)
-        for kept in trial.run_metadata.checkpoint_manager.best_checkpoint_results:
-            Path(kept.checkpoint.path).mkdir(exist_ok=True)
-
-
-def saved_trials(place: SearchPlace) -> list[Any]:
-    """The trials as Ray last saved them (an interrupted trial stays unfinished there)."""
-    from ray import tune
-
-    if not place.has(place.experiment, TUNER_FILE):
-        return []
-    try:
-        return list(tune.ExperimentAnalysis(place.experiment).trials)
-    except Exception as err:  # no experiment state yet, or a damaged one: nothing more to recover
-        log.debug("no saved trials in %s: %s", place.experiment, err)
-        return []
 
 
 def run_search(
