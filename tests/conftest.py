@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,17 @@ from PIL import Image
 from tune_inat.data.demo import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Everything the run writes to the system's temp folder goes to one folder of its own, removed at the end:
+# pytest's own folders, Ray's sessions (Ray reads TMPDIR on Linux), wandb's, torch's and the trials' temp
+# files, including those of processes the tests kill. Short, for Ray's socket paths (at most 107 bytes).
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="tit-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(SESSION_TMP)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not os.environ.get("TUNE_INAT_KEEP_TMP"):  # set it to look at a failed run's folders afterwards
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
