@@ -1,5 +1,6 @@
-"""The search's own local Ray: what it listens on, and that a client without its token is refused, even when
-the environment disables Ray's token authentication (RAY_AUTH_MODE=disabled, as older guides set it)."""
+"""A running local search: its own Ray, what it listens on, and that a client without its token is refused even when
+the environment disables Ray's token authentication (RAY_AUTH_MODE=disabled, as older guides set it); and its
+Optuna study (results/<name>/optuna.db), read by Optuna while the search runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 from conftest import REPO
 
@@ -47,7 +49,7 @@ def client(address: str, home: Path, **auth: str) -> subprocess.CompletedProcess
     )
 
 
-def test_a_local_search_refuses_a_client_without_its_token_even_with_auth_disabled(
+def test_a_running_search_refuses_a_client_without_its_token_and_its_study_reads_live(
     tmp_path: Path, demo_root: Path
 ) -> None:
     home, stranger = tmp_path / "home", tmp_path / "stranger"
@@ -55,7 +57,7 @@ def test_a_local_search_refuses_a_client_without_its_token_even_with_auth_disabl
     stranger.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env.update(HOME=str(home), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    command = ["--data", str(demo_root), "--space", "demo", "--num-samples", "2", "--no-wandb"]
+    command = ["--data", str(demo_root), "--space", "demo", "--num-samples", "2", "--no-wandb", "--name", "live"]
     command += ["--results", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache")]
     search = subprocess.Popen(
         [sys.executable, "-m", "tune_inat.search", *command],
@@ -83,6 +85,13 @@ def test_a_local_search_refuses_a_client_without_its_token_even_with_auth_disabl
         token = home / ".ray" / "auth_token"
         invited = client(address, stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
         assert invited.stdout.startswith("connected:"), (invited.stdout, invited.stderr[-2000:])
+        study, running = None, []
+        while not running and search.poll() is None:  # a trial still running, its epochs already in the study
+            if (tmp_path / "results" / "live" / "optuna.db").exists():
+                study = optuna.load_study(study_name="live", storage=f"sqlite:///{tmp_path}/results/live/optuna.db")
+                running = [t for t in study.trials if t.state.name == "RUNNING" and t.intermediate_values]
+            time.sleep(0.5)
+        assert running, "no trial was seen running with its epochs in the study"
         assert search.poll() is None, "the search ended before both clients tried: the check proves nothing"
         search.send_signal(signal.SIGINT)  # the point is made; Ctrl-C ends the search (tested in test_resume)
         _, err = search.communicate(timeout=300)

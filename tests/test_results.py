@@ -109,3 +109,60 @@ def test_readme_pandas_snippets_run(demo_search, capsys) -> None:
     assert set(namespace["best"]["backbone"]) == set(namespace["trials"]["backbone"])
     assert namespace["curves"].shape[1] == len(namespace["trials"])
     assert capsys.readouterr().out.strip()
+
+
+# -- the Optuna study: optuna.db, read by Optuna's own tools ---------------------------------------
+
+
+def test_the_study_holds_every_trial_as_the_tables_do_and_optuna_dashboard_serves_it(demo_search) -> None:
+    """Each Optuna trial: its Ray id, COMPLETE when it ran every epoch and PRUNED when stopped early (Ray's stock
+    integration says COMPLETE), every epoch's value as an intermediate value; and optuna-dashboard answers."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import optuna
+
+    url = f"sqlite:///{demo_search.folder / 'optuna.db'}"
+    study = optuna.load_study(study_name="demo-test", storage=url)
+    trials = pd.read_parquet(demo_search.folder / "trials.parquet").set_index("trial_id")
+    epochs = pd.read_parquet(demo_search.folder / "epochs.parquet")
+    states = {"completed": "COMPLETE", "stopped_early": "PRUNED"}
+    assert len(study.trials) == len(trials)
+    for trial in study.trials:
+        trial_id = trial.user_attrs["ray_trial_id"]
+        assert trial.state.name == states[trials.loc[trial_id, "status"]], trial_id
+        curve = epochs[epochs["trial_id"] == trial_id].set_index("epoch")["val_acc"].to_dict()
+        assert trial.intermediate_values == pytest.approx(curve), trial_id
+    assert {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED"}  # the demo stops some early
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)), url]
+    dashboard = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while studies is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    studies = json.load(answer)["study_summaries"]
+            except OSError:
+                assert dashboard.poll() is None and time.monotonic() < deadline, dashboard.stderr.read()[-2000:]
+                time.sleep(0.5)
+        (summary,) = studies
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=30) as answer:
+            served = json.load(answer)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    assert summary["study_name"] == "demo-test"
+    assert sorted(t["state"] for t in served["trials"]) == sorted(t.state.name.capitalize() for t in study.trials)

@@ -38,6 +38,7 @@ from tune_inat.settings import FIELD_TYPES, TrainConfig, plain
 EPOCHS_FILE = "epochs.parquet"
 TRIALS_FILE = "trials.parquet"
 SEARCH_RECORD_FILE = "search.json"
+STUDY_FILE = "optuna.db"  # the Optuna study (optuna searcher, local results): optuna-dashboard reads it
 BEST_CONFIG_FILE = "best_config.yaml"
 _ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 TIMESTAMP = pa.timestamp("ms", tz="UTC")

@@ -34,6 +34,7 @@ from tune_inat.results import (
     BEST_CONFIG_FILE,
     EPOCHS_FILE,
     SEARCH_RECORD_FILE,
+    STUDY_FILE,
     TRIALS_FILE,
     absolute_location,
     best_trial,
@@ -223,7 +224,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher.build(spec, searched_tune_space(spec), resources.max_concurrent),
+            search_alg=searcher.build(spec, searched_tune_space(spec), resources.max_concurrent, study_store(place)),
             scheduler=scheduler_entry(spec.options.scheduler).build(spec),
             num_samples=1 if searcher.expands_grid else spec.options.num_samples,
             max_concurrent_trials=resources.max_concurrent,
@@ -253,6 +254,15 @@ def build_tuner(
             ),
         ),
     )
+
+
+def study_store(place: SearchPlace) -> Any:
+    """results/<name>/optuna.db for a local results folder (SQLite cannot live in object storage: none there)."""
+    from tune_inat.searchers import StudyStore
+
+    if not is_local(place.results):
+        return None
+    return StudyStore(Path(place.results.removeprefix("file://")) / STUDY_FILE, place.name)
 
 
 def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -48,7 +50,20 @@ class PruningAwareOptunaSearch(OptunaSearch):
         config = super().suggest(trial_id)
         if isinstance(config, dict):
             self._asked.append(trial_id)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)  # the id in trials.parquet
         return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Each epoch's value, as an intermediate value at the trial's own epoch (Ray's iteration count can lag it
+        after a resume): what optuna-dashboard plots while the trial runs."""
+        value = result.get(self.metric)
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or value is None or value != value:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an epoch trained again after a crash keeps its first value
+            self._ot_trials[trial_id].report(
+                float(value), int(result.get("epoch", result.get("training_iteration", 0)))
+            )
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if self._lag is not None and trial_id in self._asked[self._told :]:
@@ -72,17 +87,14 @@ class PruningAwareOptunaSearch(OptunaSearch):
         value = (result or {}).get(self.metric)
         has_value = value is not None and not (isinstance(value, float) and math.isnan(value))
         finished = bool(result) and result.get("epoch", 0) >= result.get("max_epochs", math.inf)
+        if has_value:  # the last result comes only here (Ray reports no result for it): its epoch too
+            self.on_trial_result(trial_id, result)
         if error:
             state, values = TrialState.FAIL, None
         elif finished and has_value:
             state, values = TrialState.COMPLETE, value
         else:
-            state, values = TrialState.PRUNED, None
-            if has_value:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # a step already reported is kept as it was
-                    # the trial's own epoch: Ray's iteration count can lag it after a resume
-                    ot_trial.report(value, int(result.get("epoch", result.get("training_iteration", 0))))
+            state, values = TrialState.PRUNED, None  # its last value stays as its intermediate value (TPE's rule)
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
 
@@ -126,12 +138,31 @@ def tpe_sampler(spec: SearchSpec) -> optuna.samplers.TPESampler:
         )
 
 
-def optuna_searcher(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> PruningAwareOptunaSearch:
+@dataclass(frozen=True)
+class StudyStore:
+    """Where the search's Optuna study is kept, so Optuna's own tools read it while it runs: an SQLite file."""
+
+    path: Path  # results/<name>/optuna.db
+    name: str  # the study's name: the search's
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def storage(self) -> optuna.storages.RDBStorage:
+        # readers (optuna-dashboard, a notebook) lock the file for a moment: wait for them, never fail a write
+        return optuna.storages.RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def optuna_searcher(
+    spec: SearchSpec, space: dict[str, Any], max_concurrent: int, study: StudyStore | None = None
+) -> PruningAwareOptunaSearch:
     """TPE over `space` (the searched settings as Ray Tune domains), seeded.
 
     The space, metric and mode are given to the searcher itself, so the searcher pickled in
     `tuner.pkl` is complete: a search killed before Ray saved any searcher state still resumes.
     In the reproducible mode it learns in trial order, with as many trials running as fit.
+    With `study`, the study lives in that SQLite file (Optuna's RDBStorage) instead of in memory only.
     """
     sampler = tpe_sampler(spec)
     distributions = OptunaSearch.convert_search_space(space)  # Optuna's own form: no conversion warning
@@ -145,6 +176,7 @@ def optuna_searcher(spec: SearchSpec, space: dict[str, Any], max_concurrent: int
         in_order_lag=lag,
         total=spec.options.num_samples,
         points_to_evaluate=first or None,
+        **({"storage": study.storage(), "study_name": study.name} if study is not None else {}),
     )
     searcher.learn_from(prior)
     return searcher

@@ -48,8 +48,8 @@ class Searcher:
     name: str
     help: str
     build: Callable[
-        [SearchSpec, dict[str, Any], int], Any
-    ]  # (spec, Ray Tune space of searched settings, trials at once)
+        ..., Any
+    ]  # (spec, Ray Tune space of searched settings, trials at once, study=None: where a searcher may keep its study)
     expands_grid: bool = False  # runs every combination of the listed values once (no num_samples)
     holds_space: bool = False  # built with the searched space itself (else Ray's param_space carries it)
     needs_values: bool = False  # takes only value/values, no distributions
@@ -238,13 +238,13 @@ register_scheduler(
 # -- searchers ----------------------------------------------------------------------------------
 
 
-def _build_optuna(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> Any:
+def _build_optuna(spec: SearchSpec, space: dict[str, Any], max_concurrent: int, study: Any = None) -> Any:
     from tune_inat.searchers import optuna_searcher
 
-    return optuna_searcher(spec, space, max_concurrent)
+    return optuna_searcher(spec, space, max_concurrent, study)
 
 
-def _build_variants(spec: SearchSpec, space: dict[str, Any], max_concurrent: int) -> Any:
+def _build_variants(spec: SearchSpec, space: dict[str, Any], max_concurrent: int, study: Any = None) -> Any:
     from ray.tune.search import BasicVariantGenerator
 
     from tune_inat.searchers import first_recipes
