@@ -258,11 +258,11 @@ def build_tuner(
 
 def study_store(place: SearchPlace) -> Any:
     """results/<name>/optuna.db for a local results folder (SQLite cannot live in object storage: none there)."""
-    from tune_inat.searchers import StudyStore
+    from tune_inat.searchers import StudyMirror
 
     if not is_local(place.results):
         return None
-    return StudyStore(Path(place.results.removeprefix("file://")) / STUDY_FILE, place.name)
+    return StudyMirror(Path(place.results.removeprefix("file://")) / STUDY_FILE, place.name)
 
 
 def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:

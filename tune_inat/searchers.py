@@ -10,9 +10,10 @@ one that raised is FAIL.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_inat.spec import SearchSpec
 from tune_inat.warm import PriorTrial, warm_start
+
+log = logging.getLogger(__name__)
 
 
 class PruningAwareOptunaSearch(OptunaSearch):
@@ -33,8 +36,16 @@ class PruningAwareOptunaSearch(OptunaSearch):
     that end early are held back until their turn.
     """
 
-    def __init__(self, *args: Any, in_order_lag: int | None = None, total: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        in_order_lag: int | None = None,
+        total: int | None = None,
+        mirror: StudyMirror | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._mirror = mirror
         self._lag = in_order_lag
         self._total = total  # trials the search will ask for: once all are asked, no suggestion waits on a tell
         self._asked: list[str] = []  # trial ids in the order they were suggested
@@ -61,9 +72,10 @@ class PruningAwareOptunaSearch(OptunaSearch):
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an epoch trained again after a crash keeps its first value
-            self._ot_trials[trial_id].report(
-                float(value), int(result.get("epoch", result.get("training_iteration", 0)))
-            )
+            epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+            self._ot_trials[trial_id].report(float(value), epoch)
+        if self._mirror is not None:
+            self._mirror.sync(self._ot_study)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if self._lag is not None and trial_id in self._asked[self._told :]:
@@ -97,6 +109,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
             state, values = TrialState.PRUNED, None  # its last value stays as its intermediate value (TPE's rule)
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
+        if self._mirror is not None:
+            self._mirror.sync(self._ot_study, now=True)
 
     def learn_from(self, trials: list[PriorTrial]) -> None:
         """Tell the study an earlier search's finished trials before the first suggestion (a warm start)."""
@@ -112,6 +126,8 @@ class PruningAwareOptunaSearch(OptunaSearch):
                     intermediate_values={prior.epochs: prior.score} if prior.state == "pruned" else None,
                 )
             )
+        if self._mirror is not None:
+            self._mirror.sync(self._ot_study, now=True)
 
 
 def first_recipes(spec: SearchSpec) -> tuple[list[dict[str, Any]], list[PriorTrial]]:
@@ -138,31 +154,78 @@ def tpe_sampler(spec: SearchSpec) -> optuna.samplers.TPESampler:
         )
 
 
-@dataclass(frozen=True)
-class StudyStore:
-    """Where the search's Optuna study is kept, so Optuna's own tools read it while it runs: an SQLite file."""
+class StudyMirror:
+    """The searcher's study, copied into an SQLite file for Optuna's own tools (optuna-dashboard, `load_study`).
 
-    path: Path  # results/<name>/optuna.db
-    name: str  # the study's name: the search's
+    A copy, not the searcher's own storage: the search decides exactly as with its study in memory, and a
+    write that fails (a full disk, a reader holding the file's lock too long) costs the copy one warning and
+    is made up at the next sync; the search goes on. Synced at most every `SYNC_SECONDS`, and at each trial's end.
+    """
+
+    SYNC_SECONDS = 2.0
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = Path(path)  # results/<name>/optuna.db
+        self.name = name  # the study's name: the search's
+        self._storage: optuna.storages.RDBStorage | None = None
+        self._synced_at = -math.inf
+        self._warned = False
 
     @property
     def url(self) -> str:
         return f"sqlite:///{self.path}"
 
-    def storage(self) -> optuna.storages.RDBStorage:
-        # readers (optuna-dashboard, a notebook) lock the file for a moment: wait for them, never fail a write
-        return optuna.storages.RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 60}})
+    def __getstate__(self) -> dict[str, Any]:  # pickled with the searcher: the connection is opened again
+        return {**self.__dict__, "_storage": None, "_synced_at": -math.inf}
+
+    def sync(self, study: optuna.Study, now: bool = False) -> None:
+        if not now and time.monotonic() - self._synced_at < self.SYNC_SECONDS:
+            return
+        self._synced_at = time.monotonic()
+        try:
+            self._copy(study)
+        except Exception as err:  # sqlite3 / SQLAlchemy / Optuna's storage errors: the copy waits, the search goes on
+            if not self._warned:
+                self._warned = True
+                reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                log.warning(
+                    "warning: the Optuna study's copy %s cannot be written now (%s); the search goes on and the "
+                    "copy catches up when it can",
+                    self.path,
+                    reason,
+                )
+
+    def _copy(self, study: optuna.Study) -> None:
+        if self._storage is None:
+            # readers lock the file for a moment: wait for them rather than skip a sync
+            self._storage = optuna.storages.RDBStorage(self.url, engine_kwargs={"connect_args": {"timeout": 30}})
+        storage = self._storage
+        try:
+            study_id = storage.get_study_id_from_name(self.name)
+        except KeyError:
+            study_id = storage.create_new_study(study.directions, self.name)
+        copied = {trial.number: trial for trial in storage.get_all_trials(study_id, deepcopy=False)}
+        for trial in study.get_trials(deepcopy=False):  # in creation order: the copy's numbers are the same
+            copy = copied.get(trial.number)
+            if copy is None:
+                storage.create_new_trial(study_id, template_trial=trial)
+            elif not copy.state.is_finished():
+                for step, value in trial.intermediate_values.items():
+                    if step not in copy.intermediate_values:
+                        storage.set_trial_intermediate_value(copy._trial_id, step, value)
+                if trial.state.is_finished():
+                    storage.set_trial_state_values(copy._trial_id, trial.state, trial.values)
 
 
 def optuna_searcher(
-    spec: SearchSpec, space: dict[str, Any], max_concurrent: int, study: StudyStore | None = None
+    spec: SearchSpec, space: dict[str, Any], max_concurrent: int, study: StudyMirror | None = None
 ) -> PruningAwareOptunaSearch:
     """TPE over `space` (the searched settings as Ray Tune domains), seeded.
 
     The space, metric and mode are given to the searcher itself, so the searcher pickled in
     `tuner.pkl` is complete: a search killed before Ray saved any searcher state still resumes.
     In the reproducible mode it learns in trial order, with as many trials running as fit.
-    With `study`, the study lives in that SQLite file (Optuna's RDBStorage) instead of in memory only.
+    With `study`, the study is copied as it grows into that SQLite file, for Optuna's own tools.
     """
     sampler = tpe_sampler(spec)
     distributions = OptunaSearch.convert_search_space(space)  # Optuna's own form: no conversion warning
@@ -176,7 +239,7 @@ def optuna_searcher(
         in_order_lag=lag,
         total=spec.options.num_samples,
         points_to_evaluate=first or None,
-        **({"storage": study.storage(), "study_name": study.name} if study is not None else {}),
+        mirror=study,
     )
     searcher.learn_from(prior)
     return searcher
