@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -130,3 +131,82 @@ def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathF
         data_config=data_config,
         caches_after_search=caches_after_search,
     )
+
+
+def trials_by_number(folder: Path) -> pd.DataFrame:
+    """A search's trials in the order they were created, with the columns that say what each did."""
+    trials = pd.read_parquet(folder / "trials.parquet")
+    numbers = {p.name.split("_")[2]: int(p.name.split("_")[1]) for p in folder.glob("trial_*_*")}
+    trials["number"] = trials["trial_id"].map(numbers)
+    columns = [
+        "number",
+        "backbone",
+        "freeze_fraction",
+        "lr",
+        "batch_size",
+        "status",
+        "epochs_run",
+        "best_val_acc",
+        "best_epoch",
+    ]
+    return trials[columns].sort_values("number").reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def loss_search(tmp_path_factory: pytest.TempPathFactory):
+    """A small search that minimises val_loss, run from the command line, then analyze and final on it (test_structure:
+    one ranking everywhere; test_api: the same search from Python)."""
+    root = tmp_path_factory.mktemp("loss")
+    space = root / "loss.yaml"
+    text = (REPO / "search_spaces" / "demo.yaml").read_text()
+    space.write_text(text.replace("name: val_acc\n  goal: maximize", "name: val_loss\n  goal: minimize"))
+    env = {"TUNE_INAT_CACHE": str(root / "cache")}
+    search = run_cli(
+        "tune_inat.search",
+        "--demo",
+        "--space",
+        str(space),
+        "--num-samples",
+        "4",
+        "--max-epochs",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--gpus-per-trial",
+        "0",
+        "--cpus-per-trial",
+        "1",
+        "--set",
+        "image_size=32",
+        "--no-wandb",
+        "--quiet",
+        "--results",
+        str(root / "results"),
+        "--name",
+        "loss",
+        env=env,
+        timeout=600,
+        cwd=root,
+    )
+    assert search.returncode == 0, search.stderr[-3000:]
+    folder = root / "results" / "loss"
+    analyze = run_cli("tune_inat.analyze", str(folder), "--quiet", env=env, cwd=root)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    final = run_cli(
+        "tune_inat.final",
+        str(folder),
+        "--top-k",
+        "1",
+        "--seeds",
+        "1",
+        "--max-epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        env=env,
+        timeout=600,
+        cwd=root,
+    )
+    assert final.returncode == 0, final.stderr[-3000:]
+    return folder, search.stdout, analyze.stdout

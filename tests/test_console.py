@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import run_cli, trials_by_number
 
 CONSOLE_LINE_BUDGET = 45  # the demo's whole console (README, "The demo's console"): status blocks, leaderboard, paths
 RAY_INTERNALS = [
@@ -27,24 +27,6 @@ RAY_INTERNALS = [
 ]
 
 
-def _by_trial_number(folder: Path) -> pd.DataFrame:
-    trials = pd.read_parquet(folder / "trials.parquet")
-    numbers = {p.name.split("_")[2]: int(p.name.split("_")[1]) for p in folder.glob("trial_*_*")}
-    trials["number"] = trials["trial_id"].map(numbers)
-    columns = [
-        "number",
-        "backbone",
-        "freeze_fraction",
-        "lr",
-        "batch_size",
-        "status",
-        "epochs_run",
-        "best_val_acc",
-        "best_epoch",
-    ]
-    return trials[columns].sort_values("number").reset_index(drop=True)
-
-
 @pytest.mark.slow
 def test_the_demo_repeats_exactly_and_its_console_is_short(demo_search, tmp_path: Path) -> None:
     """The demo again, from the command line, with trial 1 held back 4 s so trials report in another order."""
@@ -60,7 +42,7 @@ def test_the_demo_repeats_exactly_and_its_console_is_short(demo_search, tmp_path
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    first, second = _by_trial_number(demo_search.folder), _by_trial_number(tmp_path / "results" / "again")
+    first, second = trials_by_number(demo_search.folder), trials_by_number(tmp_path / "results" / "again")
     pd.testing.assert_frame_equal(first, second)  # the same trials, the same stops, the same scores
     from tune_inat.results import rank_trials
     from tune_inat.settings import read_settings_text, settings_of_row

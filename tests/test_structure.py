@@ -8,64 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO
 
 # -- one ranking: metric val_loss, goal minimize, everywhere ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loss_search(tmp_path_factory: pytest.TempPathFactory):
-    """A small search that minimises val_loss, run from the command line, then analyze and final on it."""
-    root = tmp_path_factory.mktemp("loss")
-    space = root / "loss.yaml"
-    text = (REPO / "search_spaces" / "demo.yaml").read_text()
-    space.write_text(text.replace("name: val_acc\n  goal: maximize", "name: val_loss\n  goal: minimize"))
-    env = {"TUNE_INAT_CACHE": str(root / "cache")}
-    search = run_cli(
-        "tune_inat.search",
-        "--demo",
-        "--space",
-        str(space),
-        "--num-samples",
-        "4",
-        "--max-epochs",
-        "2",
-        "--scheduler",
-        "fifo",
-        "--set",
-        "image_size=32",
-        "--no-wandb",
-        "--quiet",
-        "--results",
-        str(root / "results"),
-        "--name",
-        "loss",
-        env=env,
-        timeout=600,
-        cwd=root,
-    )
-    assert search.returncode == 0, search.stderr[-3000:]
-    folder = root / "results" / "loss"
-    analyze = run_cli("tune_inat.analyze", str(folder), "--quiet", env=env, cwd=root)
-    assert analyze.returncode == 0, analyze.stderr[-3000:]
-    final = run_cli(
-        "tune_inat.final",
-        str(folder),
-        "--top-k",
-        "1",
-        "--seeds",
-        "1",
-        "--max-epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-        env=env,
-        timeout=600,
-        cwd=root,
-    )
-    assert final.returncode == 0, final.stderr[-3000:]
-    return folder, search.stdout, analyze.stdout
 
 
 def test_one_ranking_picks_the_lowest_loss_everywhere(loss_search) -> None:

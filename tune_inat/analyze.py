@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -193,6 +194,13 @@ def _style_for(status: str) -> dict:
 
 
 def plot_learning_curves(search: Search, path: Path) -> None:
+    fig = learning_curves_figure(search)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def learning_curves_figure(search: Search) -> Any:
+    """Every trial's validation accuracy per epoch, the best highlighted (a notebook shows it; analyze saves it)."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     best_id = search.ranked()["trial_id"].iloc[0]
     statuses = dict(zip(search.trials["trial_id"], search.trials["status"]))
@@ -230,8 +238,7 @@ def plot_learning_curves(search: Search, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _axis_values(series: pd.Series, name: str) -> tuple[np.ndarray, list[float], list[str]]:

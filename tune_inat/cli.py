@@ -8,9 +8,11 @@ shows defaults; `run_command` parses, sets up logging once, runs, and turns a `U
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,51 @@ def read_yaml(path: Path, what: str = "file") -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+
+
+# -- the commands as Python functions (tune_inat.search(...), ...) ------------------------------------------
+
+
+def make_callable(module_name: str, function: Callable[..., Any]) -> None:
+    """Make a command's module callable as its API function: `tune_inat.search(...)` while `python -m
+    tune_inat.search` stays the command (a package attribute that is a submodule cannot also be a function)."""
+
+    class CommandModule(types.ModuleType):
+        __call__ = staticmethod(function)
+
+    sys.modules[module_name].__class__ = CommandModule
+
+
+def command_flags(parser: argparse.ArgumentParser, options: dict[str, Any]) -> list[str]:
+    """Keyword arguments -> the command's flags (None: not given); an unknown keyword is one UserError."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    flags: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        action = actions.get(key)
+        if action is None:
+            known = ", ".join(sorted(k for k in actions if k != "help"))
+            raise UserError(f"unknown option {key!r}; the options: {known}")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true: given or not
+            flags += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):  # --set NAME=VALUE, repeatable: a dict or a list of them
+            items = value.items() if isinstance(value, dict) else (item.split("=", 1) for item in value)
+            for name, setting in items:
+                flags += [flag, f"{name}={setting if isinstance(setting, str) else json.dumps(setting)}"]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def parse_flags(parser: argparse.ArgumentParser, flags: list[str]) -> argparse.Namespace:
+    """The command's own parsing of `flags`; what it refuses is a UserError, not an exit."""
+
+    def refuse(message: str) -> None:
+        raise UserError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser.parse_args(flags)

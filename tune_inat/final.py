@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,7 +33,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from tune_inat.analyze import load_search, markdown_table, summary_sections, text_table, write_plots, write_report  # noqa: E402
-from tune_inat.cli import command_parser, run_command  # noqa: E402
+from tune_inat.cli import command_flags, command_parser, make_callable, parse_flags, run_command, setup_logging  # noqa: E402
 from tune_inat.data.batches import DeviceBatches  # noqa: E402
 from tune_inat.data.dataset import DataConfig, TestData, TrainValData, merge_validation, prepare_test, prepare_train_val  # noqa: E402
 from tune_inat.engine import FineTuning, MixedPrecision, predict_probabilities, resolve_device  # noqa: E402
@@ -511,18 +512,48 @@ def final_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def final_from_args(args: argparse.Namespace) -> str:
+    """The command's work on its parsed flags; returns what it prints."""
+    if args.top_k < 1 or args.seeds < 1:
+        raise UserError("--top-k and --seeds must be at least 1")
+    if not args.folder.is_dir():
+        raise UserError(f"results folder {args.folder} does not exist")
+    constraints = Constraints(args.max_latency_ms, args.latency_device, args.max_params, args.max_gflops)
+    return run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs, constraints)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    def run(args: argparse.Namespace) -> int:
-        if args.top_k < 1 or args.seeds < 1:
-            raise UserError("--top-k and --seeds must be at least 1")
-        if not args.folder.is_dir():
-            raise UserError(f"results folder {args.folder} does not exist")
-        constraints = Constraints(args.max_latency_ms, args.latency_device, args.max_params, args.max_gflops)
-        print(run_final(args.folder, args.top_k, args.seeds, args.device, args.data, args.max_epochs, constraints))
-        return 0
+    return run_command(final_parser(), lambda args: print(final_from_args(args)), argv)
 
-    return run_command(final_parser(), run, argv)
 
+@dataclass(frozen=True)
+class FinalResult:
+    """What `final` wrote: the tested model and its summary (summary.json)."""
+
+    path: Path  # the final/ folder
+    summary: dict[str, Any]
+    report: str  # what the command prints
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.summary["test_accuracy"])
+
+
+def run(results: str | Path, **options: Any) -> FinalResult:
+    """`tune_inat.final(results, top_k=1, seeds=1, ...)`: the command from Python, its flags as keywords."""
+    flags = command_flags(final_parser(), options)
+    args = parse_flags(final_parser(), [str(results), *flags])
+    setup_logging(args.debug, args.quiet)
+    report = final_from_args(args)
+    folder = Path(results) / "final"
+    return FinalResult(folder, json.loads((folder / "summary.json").read_text()), report)
+
+
+make_callable(__name__, run)  # tune_inat.final(...) is the API, python -m tune_inat.final the command
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,11 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from tune_inat.cli import command_parser, run_command
+from tune_inat.cli import command_parser, make_callable, run_command
 from tune_inat.data.batches import center_crop
 from tune_inat.data.decode import decode_image, stored_size_for
 from tune_inat.data.folders import sniff_image_format
@@ -72,15 +73,18 @@ def predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    model, meta = load_model_file(args.model)
+def classify_files(
+    model_path: Path, images: Sequence[Path], top_k: int = 3, device_name: str = "auto"
+) -> tuple[list[dict[str, Any]], list[str], str]:
+    """The images' top classes (unreadable ones are one line each, the others still classified), and the timing line."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    model, meta = load_model_file(model_path)
     classes, image_size = meta["classes"], meta["image_size"]
     stored = stored_size_for(image_size)
     decoded, readable, failures = [], [], []
     started = time.perf_counter()
-    for path in image_files(args.images):
+    for path in image_files(images):
         try:
             decoded.append(decode_image(path, stored))
             readable.append(path)
@@ -88,38 +92,55 @@ def predict(args: argparse.Namespace) -> int:
             failures.append(
                 f"error: cannot read image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             )
-    results = []
-    device = resolve_device(args.device)
+    results, timing = [], ""
+    device = resolve_device(device_name)
     if decoded:
         model_started = time.perf_counter()
         probabilities = classify(model, np.stack(decoded), image_size, device)
         model_seconds = time.perf_counter() - model_started
         for path, probs in zip(readable, probabilities):
-            top = np.argsort(-probs)[: args.top_k]
+            top = np.argsort(-probs)[:top_k]
             results.append(
                 {"file": str(path), "predictions": [{"label": classes[i], "probability": float(probs[i])} for i in top]}
             )
+        total = time.perf_counter() - started
+        timing = (
+            f"{len(decoded)} images in {total:.2f} s: {1000 * total / len(decoded):.1f} ms per image (reading and "
+            f"the model), {1000 * model_seconds / len(decoded):.1f} ms the model alone, on {device}"
+        )
+    return results, failures, timing
+
+
+def predict(args: argparse.Namespace) -> int:
+    results, failures, timing = classify_files(args.model, args.images, args.top_k, args.device)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
             shown = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
             print(f"{result['file']}: {shown}")
-    if decoded:
-        total = time.perf_counter() - started
-        print(
-            f"{len(decoded)} images in {total:.2f} s: {1000 * total / len(decoded):.1f} ms per image (reading and "
-            f"the model), {1000 * model_seconds / len(decoded):.1f} ms the model alone, on {device}",
-            file=sys.stderr,
-        )
+    if timing:
+        print(timing, file=sys.stderr)
     for line in failures:
         print(line, file=sys.stderr)
     return EXIT_USER_ERROR if failures else 0
 
 
+def run(model: str | Path, images: str | Path | Sequence[str | Path], top_k: int = 3, device: str = "auto") -> list:
+    """`tune_inat.predict(model, images)`: each image's top classes, as the command's --json gives them; an
+    unreadable image is a UserError naming it (the command goes on with the others and exits 2)."""
+    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    results, failures, _ = classify_files(Path(model), paths, top_k, device)
+    if failures:
+        raise UserError("; ".join(line.removeprefix("error: ") for line in failures))
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(predict_parser(), predict, argv)
 
+
+make_callable(__name__, run)  # tune_inat.predict(...) is the API, python -m tune_inat.predict the command
 
 if __name__ == "__main__":
     sys.exit(main())

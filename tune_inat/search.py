@@ -25,7 +25,16 @@ from typing import Any
 
 import yaml
 
-from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
+from tune_inat.cli import (
+    add_data_arguments,
+    command_flags,
+    command_parser,
+    data_config_from_args,
+    make_callable,
+    parse_flags,
+    run_command,
+    setup_logging,
+)
 from tune_inat.data.dataset import DataConfig, TrainValData, prepare_train_val
 from tune_inat.errors import EXIT_INTERRUPTED, EXIT_SEARCH_FAILED, UserError
 from tune_inat.place import Claim, SearchPlace, new_name, newest_search
@@ -855,10 +864,31 @@ def show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """How one search job ended: where it lives, its exit code, and what the command prints."""
+
+    place: SearchPlace
+    code: int
+    message: str = ""  # why the code is not 0 (the command prints it to stderr)
+    report: str = ""  # the summary and the next commands (stdout)
+
+
 def search(args: argparse.Namespace, argv: list[str]) -> int:
-    """The whole job: claim, plan, prepare, run, complete, summarise; the exit code says how it went."""
+    """The command: the job, then its report; the exit code says how it went."""
     if args.plan:
         return show_plan(args)
+    run = run_job(args, argv)
+    if run.message:
+        print(run.message, file=sys.stderr)
+    if run.report:
+        print(run.report)
+    return run.code
+
+
+def run_job(args: argparse.Namespace, argv: list[str]) -> SearchRun:
+    """The whole job: claim, plan, prepare, run, complete, summarise. Joins a Ray already started in this process
+    (a notebook's), else starts its own and stops it at the end."""
     if not (args.data or args.demo or args.resume):
         raise UserError("one of --data DIR or --demo is required (or --resume, to continue a saved search)")
     quiet_ray_environment(args.verbose or args.debug)
@@ -895,8 +925,11 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
                 resume = False
         else:
             data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
+        import ray
+
+        joined = ray.is_initialized()  # a notebook's own Ray, or a test session's
         address = args.address or os.environ.get("RAY_ADDRESS")
-        if address is None:
+        if address is None and not joined:
             plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
         if spec.options.warm_start and not resume:
             from tune_inat.warm import warm_start
@@ -907,11 +940,10 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
         data_by_size = prepare_data(spec, data_config)
         wandb_mode = configure_wandb(not args.no_wandb)
         before_epoch = fault_hook()
-        import ray
-
         quiet_ray_console(args.verbose or args.debug)
-        connect_ray(address, args.dashboard, args.worker_logs, args.verbose or args.debug)
-        quiet_ray_console(args.verbose or args.debug)  # ray.init may have set up its handler anew
+        if not joined:
+            connect_ray(address, args.dashboard, args.worker_logs, args.verbose or args.debug)
+            quiet_ray_console(args.verbose or args.debug)  # ray.init may have set up its handler anew
         start = time.monotonic()
         try:
             outcome = execute(
@@ -925,34 +957,54 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
                 before_epoch=before_epoch,
             )
         except KeyboardInterrupt:
-            print(
-                f"\ninterrupted; results so far are in {place.results}\nresume with: {resume_command(argv, name)}",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
+            message = f"\ninterrupted; results so far are in {place.results}\nresume with: {resume_command(argv, name)}"
+            return SearchRun(place, EXIT_INTERRUPTED, message)
         finally:
-            ray.shutdown()
+            if not joined:
+                ray.shutdown()
     budget_spent = bool(spec.options.time_budget_s) and time.monotonic() - start >= spec.options.time_budget_s
     code, message = exit_status(outcome, budget_spent, resume_command(argv, name))
     if code:
-        print(message, file=sys.stderr)
-        return code
+        return SearchRun(place, code, message)
     failed = failure(place)
     if failed:
-        print(f"error: {failed}", file=sys.stderr)
-        return EXIT_SEARCH_FAILED
-    print(summary(place, data_config.root, write_best_config(place, spec.mode)))
+        return SearchRun(place, EXIT_SEARCH_FAILED, f"error: {failed}")
+    report = [summary(place, data_config.root, write_best_config(place, spec.mode))]
     if wandb_mode == "offline":
-        print(
+        report.append(
             f"  wandb runs saved offline; upload them with: wandb sync {place.experiment}/trial_*/wandb/offline-run-*"
         )
     if args.clean_checkpoints:
         from tune_inat.clean import clean_checkpoints
 
         kept, freed = clean_checkpoints(place.results)
-        print(f"  checkpoints: freed {freed / 2**20:.1f} MiB; kept the best: {kept}")
-    return 0
+        report.append(f"  checkpoints: freed {freed / 2**20:.1f} MiB; kept the best: {kept}")
+    return SearchRun(place, 0, report="\n".join(report))
 
+
+# -- the Python API -----------------------------------------------------------------------------------
+
+
+def run(data: str | Path | None = None, space: str | Path | dict | None = None, **options: Any) -> Any:
+    """`tune_inat.search(...)`: the command from Python, its flags as keyword arguments (`max_epochs=2` is
+    `--max-epochs 2`, `set={"weights": "none"}` is `--set weights=none`, `no_wandb=True` is `--no-wandb`;
+    `space` also takes a W&B sweep as a dict). Returns a `SearchResult`; bad input raises `UserError` with the
+    command's one-line message; an interrupt (a kernel's too) ends the search as Ctrl-C does (`exit_code` 130;
+    `resume=True` continues it)."""
+    from tune_inat.api import SearchResult, space_file
+
+    if isinstance(space, dict):
+        space = space_file(space, options.get("results", "results"))
+    flags = command_flags(search_parser(), {"data": data, "space": space, **options})
+    args = parse_flags(search_parser(), flags)
+    setup_logging(args.debug, args.quiet)
+    if args.plan:
+        raise UserError("plan=True is for the command line; read a space with tune_inat.space.read_space_file")
+    job = run_job(args, flags)
+    return SearchResult(job.place.name, job.place.results, job.code, job.message, job.report)
+
+
+make_callable(__name__, run)  # tune_inat.search(...) is the API, python -m tune_inat.search the command
 
 if __name__ == "__main__":
     sys.exit(main())
