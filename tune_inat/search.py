@@ -1,4 +1,5 @@
-"""`python -m tune_inat.search`: the product's main job, a Ray Tune search over fine-tuning recipes.
+"""`python -m tune_inat.search` and `tune_inat.search(...)`: the product's main job, a Ray Tune search over
+fine-tuning recipes. `run_job` is the job; the command prints its report, the API returns a `SearchResult`.
 
 Read top to bottom, like a Ray Tune example's `main`:
 claim the search's name (a lock; a new name, or the same search to resume) -> plan (the space
@@ -878,12 +879,12 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
     """The command: the job, then its report; the exit code says how it went."""
     if args.plan:
         return show_plan(args)
-    run = run_job(args, argv)
-    if run.message:
-        print(run.message, file=sys.stderr)
-    if run.report:
-        print(run.report)
-    return run.code
+    job = run_job(args, argv)
+    if job.message:
+        print(job.message, file=sys.stderr)
+    if job.report:
+        print(job.report)
+    return job.code
 
 
 def run_job(args: argparse.Namespace, argv: list[str]) -> SearchRun:
@@ -927,8 +928,8 @@ def run_job(args: argparse.Namespace, argv: list[str]) -> SearchRun:
             data_config = data_config_from_args(args, spec.options.val_fraction, spec.options.split_seed)
         import ray
 
-        joined = ray.is_initialized()  # a notebook's own Ray, or a test session's
         address = args.address or os.environ.get("RAY_ADDRESS")
+        joined = address is None and ray.is_initialized()  # a notebook's own Ray (or a test session's): its cluster
         if address is None and not joined:
             plan_resources(spec, [local_node_resources()], warn=False)  # impossible resources fail before Ray starts
         if spec.options.warm_start and not resume:
