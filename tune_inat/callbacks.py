@@ -420,9 +420,9 @@ def wandb_callback(project: str, experiment: str) -> TolerantWandbCallback:
         project=project,
         group=experiment,
         log_config=False,
-        upload_timeout=20
-        if offline
-        else 300,  # at the end, wait at most this long for the runs to be closed or uploaded
+        # at the end, wait at most this long for the runs to be closed (offline: a few seconds each, more on a busy
+        # machine; a run killed before it closed lost its history once in CI at 20 s) or uploaded
+        upload_timeout=120 if offline else 300,
         excludes=[
             "pid",
             "hostname",
