@@ -545,8 +545,8 @@ class FinalResult:
 
 def run(results: str | Path, **options: Any) -> FinalResult:
     """`tune_inat.final(results, top_k=1, seeds=1, ...)`: the command from Python, its flags as keywords."""
-    flags = command_flags(final_parser(), options)
-    args = parse_flags(final_parser(), [str(results), *flags])
+    parser = final_parser()
+    args = parse_flags(parser, [str(results), *command_flags(parser, options)])
     setup_logging(args.debug, args.quiet)
     report = final_from_args(args)
     folder = Path(results) / "final"

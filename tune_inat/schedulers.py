@@ -214,10 +214,9 @@ class BandBracket(_Bracket):
         if math.isnan(cur_rew):
             cur_rew = -math.inf  # a diverged value ranks last (sorting NaN would make the threshold arbitrary)
         self._best[trial.trial_id] = max(self._best.get(trial.trial_id, cur_rew), cur_rew)
-        latest = next(((m, recorded) for m, recorded in self._rungs if cur_iter >= m), None)  # highest first
-        if latest is None:
+        recorded = next((trials for milestone, trials in self._rungs if cur_iter >= milestone), None)  # latest band
+        if recorded is None:
             return TrialScheduler.CONTINUE
-        milestone, recorded = latest
         if trial.trial_id in recorded and not self._recheck:
             return TrialScheduler.CONTINUE
         recorded.setdefault(trial.trial_id, cur_rew)  # its value at the band (W&B's history[band - 1])

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -63,6 +63,9 @@ from tune_inat.settings import settings_of_row, settings_yaml
 from tune_inat.space import load_space, parse_duration, with_fixed, with_overrides
 from tune_inat.spec import SearchSpec, differences, spec_from_dict
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, expands_grid
+
+if TYPE_CHECKING:
+    from tune_inat.searchers import StudyMirror
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +237,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=searcher.build(spec, searched_tune_space(spec), resources.max_concurrent, study_store(place)),
+            search_alg=searcher.build(spec, searched_tune_space(spec), resources.max_concurrent, study_mirror(place)),
             scheduler=scheduler_entry(spec.options.scheduler).build(spec),
             num_samples=1 if searcher.expands_grid else spec.options.num_samples,
             max_concurrent_trials=resources.max_concurrent,
@@ -266,7 +269,7 @@ def build_tuner(
     )
 
 
-def study_store(place: SearchPlace) -> Any:
+def study_mirror(place: SearchPlace) -> StudyMirror | None:
     """results/<name>/optuna.db for a local results folder (SQLite cannot live in object storage: none there)."""
     from tune_inat.searchers import StudyMirror
 
@@ -996,8 +999,9 @@ def run(data: str | Path | None = None, space: str | Path | dict | None = None, 
 
     if isinstance(space, dict):
         space = space_file(space, options.get("results", "results"))
-    flags = command_flags(search_parser(), {"data": data, "space": space, **options})
-    args = parse_flags(search_parser(), flags)
+    parser = search_parser()
+    flags = command_flags(parser, {"data": data, "space": space, **options})
+    args = parse_flags(parser, flags)
     setup_logging(args.debug, args.quiet)
     if args.plan:
         raise UserError("plan=True is for the command line; read a space with tune_inat.space.read_space_file")
