@@ -141,10 +141,10 @@ def run_search(
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune_inat.search import param_space
     from tune_inat.searchers import tpe_sampler
     from tune_inat.space import searched_tune_space
     from tune_inat.strategies import scheduler_entry, searcher_entry
+    from tune_inat.tuner import param_space
     from tune_inat.warm import PriorTrial
 
     searcher_name, scheduler_name = STRATEGIES[strategy]

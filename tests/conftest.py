@@ -107,8 +107,9 @@ def ray_cluster():
 def demo_search(ray_cluster, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """The demo search (demo.yaml: 8 trials, ASHA, Optuna, wandb offline), run once for every test that reads it."""
     from tune_inat.data.dataset import DataConfig
-    from tune_inat.search import prepare_data, run_search
+    from tune_inat.job import prepare_data
     from tune_inat.space import load_space
+    from tune_inat.tuner import run_search
 
     spec = load_space("demo")
     data_config = DataConfig(demo_root, tmp_path_factory.mktemp("cache"), progress=False)

@@ -48,9 +48,11 @@ def main() -> None:
 
     from tune_inat.data.dataset import DataConfig
     from tune_inat.faults import FaultInjector, parse_faults
+    from tune_inat.job import prepare_data
+    from tune_inat.report import exit_status
     from tune_inat.results import read_results
-    from tune_inat.search import exit_status, prepare_data, run_search
     from tune_inat.space import load_space, with_fixed, with_overrides
+    from tune_inat.tuner import run_search
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     base = with_fixed(load_space("demo"), {"image_size": 32, "backbone": "resnet18", "batch_size": 64})

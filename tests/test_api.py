@@ -57,6 +57,45 @@ def test_the_api_runs_the_command_lines_search_final_and_predict_with_the_same_r
     assert command.returncode == 0, command.stderr
     assert predicted == json.loads(command.stdout)
 
+    # the best recipe re-run by train: from Python with the recipe as a dict, and by the command with its file
+    trained = tune_inat.train(
+        demo=True, config=result.best, epochs=1, device="cpu", cache_dir=root / "cache", output=tmp_path / "t/model.pt"
+    )
+    command = run_cli(
+        "tune_inat.train", "--demo", "--config", str(cli_folder / "best_config.yaml"), "--epochs", "1",
+        "--device", "cpu", "--cache-dir", str(root / "cache"), "--output", str(tmp_path / "c/model.pt"),
+    )  # fmt: skip
+    assert command.returncode == 0, command.stderr
+    assert trained.model.exists() and len(trained.epochs) == 1 and trained.config["epochs"] == 1
+    from_command = pd.read_csv(tmp_path / "c/epochs.csv")
+    pd.testing.assert_frame_equal(
+        trained.epochs[["train_loss", "val_loss", "val_acc"]], from_command[["train_loss", "val_loss", "val_acc"]]
+    )
+    assert trained.val_acc == from_command["val_acc"].iloc[-1]
+
+
+def test_keywords_are_the_commands_flags() -> None:
+    from tune_inat.cli import command_flags
+    from tune_inat.search import search_parser
+    from tune_inat.train import train_parser
+
+    parser = search_parser()
+    assert command_flags(parser, {"reproducible": True}) == ["--reproducible"]
+    assert command_flags(parser, {"reproducible": False}) == ["--no-reproducible"]
+    assert command_flags(parser, {"max_epochs": 2, "no_wandb": True, "quiet": False}) == [
+        "--max-epochs",
+        "2",
+        "--no-wandb",
+    ]
+    assert command_flags(parser, {"set": {"weights": "none", "lr": 0.1}}) == [
+        "--set",
+        "weights=none",
+        "--set",
+        "lr=0.1",
+    ]
+    assert parser.parse_args(command_flags(parser, {"reproducible": False})).reproducible is False
+    assert command_flags(train_parser(), {"compile": False, "augment": True}) == ["--no-compile", "--augment"]
+
 
 def test_api_problems_are_the_commands_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(tune_inat.UserError, match=r"^unknown option 'max_epoch'; the options: .*max_epochs"):
@@ -69,3 +108,5 @@ def test_api_problems_are_the_commands_one_line_errors(tmp_path: Path) -> None:
         tune_inat.search(demo=True, space={"parameters": {"learning_rate": {"value": -1}}}, results=tmp_path)
     with pytest.raises(tune_inat.UserError, match="results folder .* does not exist"):
         tune_inat.final(tmp_path / "nothing")
+    with pytest.raises(tune_inat.UserError, match=r"^unknown settings learning_rate; the settings: .*\blr\b"):
+        tune_inat.train(demo=True, config={"learning_rate": 0.1})

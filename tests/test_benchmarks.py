@@ -56,14 +56,14 @@ def test_the_strategy_replay_runs_at_reduced_seeds_on_the_recorded_curves(tmp_pa
     assert (tmp_path / "bench_strategies.png").stat().st_size > 20_000
 
 
-def test_the_readme_budget_table_is_the_committed_replay() -> None:
-    """README's "How the search spends its budget" shows the committed 20-seed replay, and the default meets the bar."""
+def test_the_docs_budget_table_is_the_committed_replay() -> None:
+    """docs/search.md's budget table is the committed 20-seed replay, and the default meets the bar."""
     import json
     import math
 
     replay = json.loads((REPO / "benchmarks" / "results" / "bench_strategies.json").read_text())
     rows = replay["rows"]
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "search.md").read_text()
     table = readme.split("<!-- bench_strategies: table -->\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     assert len(table) == len(rows) and all(row["seeds"] == 20 for row in rows)
     for line, row in zip(table, rows):

@@ -108,7 +108,6 @@ def test_one_search_killed_at_every_moment_in_turn_then_resumed_loses_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # each moment on a fresh search; the default run meets them all in the one search above
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_sigkill_at_any_moment_then_resume_loses_nothing(moment: str, tmp_path: Path, shared_cache: Path) -> None:
     env = {"TUNE_INAT_CACHE": str(shared_cache)}

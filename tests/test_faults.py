@@ -13,8 +13,9 @@ from optuna.trial import TrialState
 
 from tune_inat.data.dataset import DataConfig
 from tune_inat.faults import FaultInjector, parse_faults
-from tune_inat.search import prepare_data, run_search
+from tune_inat.job import prepare_data
 from tune_inat.space import load_space, with_fixed, with_overrides
+from tune_inat.tuner import run_search
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,6 @@ def test_results_disk_full_then_freed_mid_search_loses_nothing(small_disk: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.extended
 def test_results_disk_still_full_at_the_end_exits_1_then_resume_writes_everything(
     small_disk: Path, tmp_path: Path
 ) -> None:
@@ -123,7 +122,6 @@ def test_results_disk_still_full_at_the_end_exits_1_then_resume_writes_everythin
 
 
 @pytest.mark.slow
-@pytest.mark.extended
 def test_storage_disk_full_is_one_line_and_resume_still_works(small_disk: Path, tmp_path: Path) -> None:
     """Ray's own state on the full disk too: its failed writes leave empty and cut files that must not stop a resume."""
     env = {"TUNE_INAT_CACHE": str(tmp_path / "cache")}

@@ -15,13 +15,13 @@ from tune_inat.results import EPOCHS_SCHEMA, TRIALS_SCHEMA, read_results, resolv
 
 
 def test_parquet_files_have_the_documented_schema(demo_search) -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "results.md").read_text()
     for name, schema in (("epochs.parquet", EPOCHS_SCHEMA), ("trials.parquet", TRIALS_SCHEMA)):
         written = pq.read_table(demo_search.folder / name).schema
         assert written.remove_metadata().equals(schema), name
         for field in schema:
             documented = f"| `{field.name}` | {field.type} |" in readme or f"`{field.name}` ({field.type})" in readme
-            assert documented, f"README does not document {name} column {field.name} as {field.type}"
+            assert documented, f"docs/results.md does not document {name} column {field.name} as {field.type}"
 
 
 def test_pandas_dtypes_are_typed(demo_search) -> None:
@@ -97,15 +97,15 @@ def test_epoch_rows_are_immutable_parts(demo_search) -> None:
     )
 
 
-def test_readme_pandas_snippets_run(demo_search, capsys) -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_docs_pandas_snippets_run(demo_search, capsys) -> None:
+    readme = (REPO / "docs" / "results.md").read_text()
     section = readme.split("## Analyse in pandas", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) >= 4
     namespace: dict = {}
     for block in blocks:
         code = re.sub(r'^folder = ".*?"', f'folder = "{demo_search.folder}"', block, flags=re.M)
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/results.md", "exec"), namespace)
     assert set(namespace["best"]["backbone"]) == set(namespace["trials"]["backbone"])
     assert namespace["curves"].shape[1] == len(namespace["trials"])
     assert capsys.readouterr().out.strip()

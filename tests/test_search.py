@@ -13,8 +13,10 @@ from optuna.trial import TrialState
 
 from tune_inat.data.dataset import DataConfig
 from tune_inat.errors import UserError
-from tune_inat.search import plan_resources, prepare_data, run_search
+from tune_inat.job import prepare_data
+from tune_inat.resources import plan_resources
 from tune_inat.space import load_space, with_fixed, with_overrides
+from tune_inat.tuner import run_search
 
 
 def test_demo_search_completes(demo_search) -> None:
@@ -55,7 +57,6 @@ def test_each_trial_checkpointed_with_at_most_two_kept(demo_search) -> None:
         assert all((c / "fine_tuning.pt").is_file() for c in checkpoints)
 
 
-@pytest.mark.extended
 def test_seed_sweep_runs_as_a_twelve_trial_grid(ray_cluster, demo_root: Path, tmp_path: Path) -> None:
     spec = with_fixed(load_space("seed_sweep"), {"weights": "none", "image_size": 32, "backbone": "resnet18"})
     spec = with_overrides(spec, max_epochs=1, gpus_per_trial=0, cpus_per_trial=1)

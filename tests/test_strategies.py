@@ -121,7 +121,6 @@ def test_shipped_spaces_start_with_known_good_recipes() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # an option, not the default: out of CI's run, which must fit 30 minutes on a slow host
 def test_a_demo_search_with_pasha(tmp_path: Path, demo_root: Path) -> None:
     result = run_cli(
         "tune_inat.search",
@@ -157,7 +156,6 @@ def test_a_demo_search_with_pasha(tmp_path: Path, demo_root: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # an option, not the default: out of CI's run, which must fit 30 minutes on a slow host
 def test_a_warm_start_learns_the_earlier_search_and_runs_its_best_recipes_first(demo_search, tmp_path: Path) -> None:
     result = run_cli(
         "tune_inat.search",

@@ -50,6 +50,7 @@ def test_one_ranking_picks_the_lowest_loss_everywhere(loss_search) -> None:
         ("tune_inat.results", ["torch", "ray"]),
         ("tune_inat.analyze", ["torch", "ray"]),
         ("tune_inat.final", ["ray"]),
+        ("tune_inat.search", ["torch", "ray"]),  # Ray comes after its console is set quiet (a notebook's cell)
     ],
 )
 def test_light_modules_do_not_load_heavy_ones(module: str, absent: list[str]) -> None:
@@ -104,9 +105,10 @@ def test_a_scheduler_is_one_entry_with_its_own_options(ray_cluster, demo_root: P
     """Ray's median stopping rule, added as one entry with one option, validated and run by the search."""
     from tune_inat.data.dataset import DataConfig
     from tune_inat.errors import UserError
-    from tune_inat.search import prepare_data, run_search
+    from tune_inat.job import prepare_data
     from tune_inat.space import load_space, with_fixed, with_overrides
     from tune_inat.strategies import SCHEDULERS, Option, Scheduler, register_scheduler
+    from tune_inat.tuner import run_search
 
     def build_median(spec):
         from ray.tune.schedulers import MedianStoppingRule

@@ -11,6 +11,7 @@ same options and say the same one-line `UserError` about a bad one.
 from __future__ import annotations
 
 import hashlib
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,22 @@ class SearchResult:
 
         return leaderboard(load_search(self.path), top)
 
+    @property
+    def data(self) -> Path:
+        """The dataset root the search ran on."""
+        from tune_inat.results import read_search_record
+
+        return Path(read_search_record(self.path)["data_root"])
+
     def plot_curves(self) -> Any:
         """The validation accuracy of every trial per epoch, as a matplotlib figure (analyze's learning_curves.png)."""
+        import matplotlib.pyplot as plt
+
         from tune_inat.analyze import learning_curves_figure, load_search
 
-        return learning_curves_figure(load_search(self.path))
+        figure = learning_curves_figure(load_search(self.path))
+        plt.close(figure)  # returned, not also drawn by pyplot: a notebook shows it once, as the cell's value
+        return figure
 
     def final(self, **options: Any) -> Any:
         """`python -m tune_inat.final` on this search (confirm, re-train, test once, export): a `FinalResult`."""
@@ -81,6 +93,10 @@ class SearchResult:
 
         return final.run(self.path, **options)
 
-    def _repr_html_(self) -> str:  # a notebook shows the leaderboard
+    def _repr_html_(self) -> str:  # a notebook shows the leaderboard (and, if it did not finish, why and what next)
         state = "done" if self.ok else f"exit {self.exit_code}"
-        return f"<p>search <b>{self.name}</b> ({state}), {self.path}</p>" + self.leaderboard().to_html()
+        lines = [f"<p>search <b>{html.escape(self.name)}</b> ({state}), {html.escape(self.path)}</p>"]
+        if not self.ok:
+            lines.append(f"<pre>{html.escape(self.message.strip())}</pre>")
+            lines.append(f"<p>continue it with <code>tune_inat.search(..., resume=True, name={self.name!r})</code></p>")
+        return "\n".join(lines) + self.leaderboard().to_html()

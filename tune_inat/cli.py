@@ -186,7 +186,8 @@ def command_flags(parser: argparse.ArgumentParser, options: dict[str, Any]) -> l
         if action is None:
             known = ", ".join(sorted(k for k in actions if k != "help"))
             raise UserError(f"unknown option {key!r}; the options: {known}")
-        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        long_flags = [option for option in action.option_strings if option.startswith("--")]
+        flag = long_flags[0] if long_flags else action.option_strings[0]  # --reproducible, not --no-reproducible
         if isinstance(action, argparse.BooleanOptionalAction):
             flags.append(flag if value else f"--no-{flag[2:]}")
         elif action.nargs == 0:  # store_true: given or not

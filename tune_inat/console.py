@@ -3,11 +3,13 @@
 `StatusReporter` is a Ray Tune progress reporter (Ray's own mechanism for the console) that prints
 a three-line block every `interval` seconds: how many trials run, wait, ended and how; the best
 so far with its settings; the time spent and an estimate of what is left. Ray's own tables, paths
-and warnings stay out of the console (`--verbose` shows them).
+and warnings stay out of the console (`--verbose` shows them). In a Jupyter kernel (a notebook,
+Colab) the block is one output area updated in place (IPython's display with a display id).
 """
 
 from __future__ import annotations
 
+import html
 import math
 import sys
 import time
@@ -61,6 +63,10 @@ class StatusReporter(ProgressReporter):
         self.out = out
         self._start = time.monotonic()
         self._last = self._start
+        self._cell: Any = None  # the notebook output area the block lives in, made at the first report
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray saves the run config (and this reporter) in tuner.pkl
+        return {**self.__dict__, "_cell": None}
 
     def setup(self, start_time: float | None = None, total_samples: int | None = None, **kwargs: Any) -> None:
         self._start = self._last = time.monotonic()
@@ -73,7 +79,21 @@ class StatusReporter(ProgressReporter):
         return False
 
     def report(self, trials: list, done: bool, *sys_info: str) -> None:
-        print("\n".join(self.block(trials, done)), file=self.out or sys.stdout, flush=True)
+        text = "\n".join(self.block(trials, done))
+        if self.out is None and in_notebook():
+            self.show_in_cell(text)
+        else:
+            print(text, file=self.out or sys.stdout, flush=True)
+
+    def show_in_cell(self, text: str) -> None:
+        """The block in one output area of the running cell, replaced at each report."""
+        from IPython.display import display
+
+        content = {"text/plain": text, "text/html": f"<pre>{html.escape(text)}</pre>"}
+        if self._cell is None:
+            self._cell = display(content, raw=True, display_id=True)
+        else:
+            self._cell.update(content, raw=True)
 
     def block(self, trials: list, done: bool = False) -> list[str]:
         """The lines of one status block."""
@@ -128,6 +148,12 @@ class StatusReporter(ProgressReporter):
         times = [(t.last_result or {}).get("epoch_seconds") for t in trials]
         times = [x for x in times if isinstance(x, (int, float)) and math.isfinite(x)]
         return sum(times) / len(times) if times else 0.0
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook, JupyterLab, Colab), where output areas can update."""
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _best_value(trial: Any, metric: str, mode: str) -> float | None:

@@ -489,7 +489,9 @@ def models_command(args: argparse.Namespace) -> int:
             families = sorted(family for family, chosen in BACKBONE_FAMILIES.items() if chosen == name)
             also = f"   also read from: {', '.join(families)}" if families else ""
             print(f"{name:20s} native {backbone.native_size} px   ImageNet weights {cached}{also}")
-        print("names are read in any case and spelling (ResNet50, EfficientNet-V2-S); the README's vocabulary table")
+        print(
+            "names are read in any case and spelling (ResNet50, EfficientNet-V2-S); docs/spaces.md's vocabulary table"
+        )
         return 0
     fetch_weights(args.backbones, random_init_hint="weights: none")
     print(f"ImageNet weights of {', '.join(args.backbones)} in {torch.hub.get_dir()}/checkpoints")

@@ -1,4 +1,5 @@
-"""`python -m tune_inat.train`: one fine-tuning run without Ray, a line per epoch, the model saved.
+"""`python -m tune_inat.train` and `tune_inat.train(...)`: one fine-tuning run without Ray, a line per epoch,
+the model saved.
 
 Settings come from the flags, or from `--config FILE` (for example the `best_config.yaml` a search
 writes), flags overriding the file. `--demo` trains on the generated demo folder with settings
@@ -12,13 +13,23 @@ import csv
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
-from tune_inat.cli import add_data_arguments, command_parser, data_config_from_args, run_command
+from tune_inat.cli import (
+    add_data_arguments,
+    command_flags,
+    command_parser,
+    data_config_from_args,
+    make_callable,
+    parse_flags,
+    run_command,
+    setup_logging,
+)
 from tune_inat.data.dataset import TrainValData, prepare_train_val
 from tune_inat.engine import FineTuning, resolve_device
 from tune_inat.errors import UserError
@@ -50,7 +61,7 @@ SETTING_HELP = {
     "image_size": "input resolution in pixels (native: the backbone's own)",
     "freeze_fraction": "share of the backbone frozen, 0 (train all) to 1 (head only)",
     "freeze_form": "freezing as a strategy (head_only, all, last_block, partial), from:LAYER, trainable:N or "
-    "frozen:N blocks; replaces freeze_fraction (the README's freezing table)",
+    "frozen:N blocks; replaces freeze_fraction (docs/training.md's freezing table)",
     "optimizer": "adamw, adam, nadam, rmsprop (torch's defaults) or sgd (Nesterov momentum)",
     "lr": "the head's learning rate",
     "backbone_lr_scale": "the backbone learns at lr times this",
@@ -116,7 +127,7 @@ def format_epoch(metrics: dict[str, float], epochs: int) -> str:
     )
 
 
-def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path) -> list[dict[str, float]]:
+def fit(config: TrainConfig, data: TrainValData, device_name: str, output: Path) -> list[dict[str, float]]:
     """Train `config` to the end, print each epoch, save the model and the per-epoch metrics."""
     fine_tuning = FineTuning(config, data, resolve_device(device_name))
     model = fine_tuning.model
@@ -141,20 +152,62 @@ def run(config: TrainConfig, data: TrainValData, device_name: str, output: Path)
     return history
 
 
+def train_from_args(args: argparse.Namespace) -> Path:
+    """The command's run: settings, weights, data, training; returns the model file."""
+    config = train_config_from_args(args)
+    if config.weights == "imagenet":
+        fetch_weights(config.backbone, random_init_hint="--weights none")  # fail fast, before decoding any image
+    data = prepare_train_val(data_config_from_args(args), config.image_size)
+    output = args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
+    fit(config, data, args.device, output)
+    return output
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def train(args: argparse.Namespace) -> int:
-        config = train_config_from_args(args)
-        if config.weights == "imagenet":
-            fetch_weights(config.backbone, random_init_hint="--weights none")  # fail fast, before decoding any image
-        data = prepare_train_val(data_config_from_args(args), config.image_size)
-        output = (
-            args.output or Path("results") / f"train-{config.backbone}-{time.strftime('%Y%m%d-%H%M%S')}" / "model.pt"
-        )
-        run(config, data, args.device, output)
+        train_from_args(args)
         return 0
 
     return run_command(train_parser(), train, argv)
 
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run wrote: the model file, its per-epoch metrics and its settings."""
+
+    model: Path
+    epochs: pd.DataFrame  # epochs.csv: one row per epoch
+    config: dict[str, Any]  # config.yaml: the settings it ran with
+
+    @property
+    def val_acc(self) -> float:
+        """The last epoch's validation accuracy (the model saved is the last epoch's)."""
+        return float(self.epochs["val_acc"].iloc[-1])
+
+
+def run(data: str | Path | None = None, config: str | Path | dict | None = None, **options: Any) -> TrainResult:
+    """`tune_inat.train(data=..., config=..., lr=1e-3, ...)`: the command from Python, its flags as keywords;
+    `config` is a settings file (a search's best_config.yaml) or a dict of settings, keywords override it."""
+    parser = train_parser()
+    settings = {f.name for f in fields(TrainConfig)}
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - settings)
+        if unknown:
+            raise UserError(f"unknown settings {', '.join(unknown)}; the settings: {', '.join(sorted(settings))}")
+        options = {**config, **options}
+        config = None
+    flags = command_flags(parser, {"data": data, "config": config, **options})
+    args = parse_flags(parser, flags)
+    setup_logging(args.debug, args.quiet)
+    output = train_from_args(args)
+    return TrainResult(
+        output,
+        pd.read_csv(output.with_name("epochs.csv")),
+        yaml.safe_load(output.with_name("config.yaml").read_text()),
+    )
+
+
+make_callable(__name__, run)  # tune_inat.train(...) is the API, python -m tune_inat.train the command
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import shutil
 import socket
@@ -63,6 +64,7 @@ class TrialContext:
     data_config: DataConfig
     max_epochs: int
     before_epoch: EpochHook | None = None
+    worker_logs: bool = False  # Ray's own lines from the trial (checkpoint saved, restored), shown when asked
 
     def data_for(self, image_size: int) -> TrainValData:
         node_cache = os.environ.get(NODE_CACHE_VARIABLE)
@@ -157,6 +159,9 @@ def micro_batch_attempts(settings: TrainConfig) -> list[TrainConfig]:
 def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Ray Tune function trainable: train the trial's config, one report and checkpoint per epoch."""
     start, started_at = time.perf_counter(), time.time()
+    if not context.worker_logs:  # a Ray that sends workers' output to the driver (a notebook's own) stays quiet
+        for name in ("ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     settings = TrainConfig.from_dict(config, "trial config")
     settings = replace(settings, epochs=min(settings.epochs, context.max_epochs))
     trial_dir = Path(tune.get_context().get_trial_dir())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere (tqdm.auto warns in a notebook without ipywidgets)
 
 from tune_inat.data.decode import decode_image
 from tune_inat.data.folders import FileList
