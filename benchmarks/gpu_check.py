@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 JPEGS_10K = Path(tempfile.gettempdir()) / "tune-inat-bench-jpegs-10000"
+JUNIT = Path(tempfile.gettempdir()) / "tune-inat-gpu-check-junit.xml"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,19 @@ def plan(python: str) -> list[Step]:
     return [
         Step(
             "pytest -m gpu",
-            [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-            140,
+            [
+                python,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={JUNIT}",
+                "tests/test_gpu.py",
+            ],
+            150,
             "tests/test_gpu.py",
         ),
         Step(
@@ -75,9 +87,8 @@ def plan(python: str) -> list[Step]:
                 "resnet50",
                 "efficientnet_v2_s",
                 "convnext_tiny",
-                "vit_b_16",
             ],
-            160,  # 100 s measured only two of the four backbones on an H200
+            125,  # 100 s measured two of four backbones on an H200: three now, so the new steps fit 10 minutes
             "benchmarks/bench_train.py",
         ),
         Step(
@@ -92,6 +103,8 @@ def plan(python: str) -> list[Step]:
                 "2",
                 "4",
                 "8",
+                "--batch",
+                "64",
                 "--epochs",
                 "3",
                 "--images",
@@ -107,10 +120,29 @@ def plan(python: str) -> list[Step]:
             "benchmarks/bench_data.py",
         ),
         Step(
-            "search of 10,000 images",
-            [python, "benchmarks/gpu_check.py", "--search-10k", str(search_folder)],
-            105,
+            "memory probes",
+            [
+                python,
+                "benchmarks/probe_memory.py",
+                "--device",
+                "cuda",
+                "--output",
+                str(RESULTS / "gpu_memory_probe_gpu.json"),
+            ],
+            35,
+            "benchmarks/probe_memory.py",
+        ),
+        Step(
+            "search of 10,000 images, 0.25 GPU per trial",
+            [python, "benchmarks/gpu_check.py", "--search-10k", str(search_folder), "--gpus", "0.25"],
+            70,
             "tune_inat/search.py",
+        ),
+        Step(
+            "search of 10,000 images, --gpus-per-trial auto",
+            [python, "benchmarks/gpu_check.py", "--search-10k", str(search_folder), "--gpus", "auto"],
+            70,
+            "tune_inat/packing.py",
         ),
     ]
 
@@ -129,8 +161,9 @@ def run_step(step: Step, log: Path) -> tuple[str, float]:
     return ("ok" if code == 0 else f"failed ({code}; see {log.name})"), time.monotonic() - start
 
 
-def search_10k(results: Path) -> None:
-    """The search step: generate the folder, then one real search with a time budget; its numbers to a JSON file."""
+def search_10k(results: Path, gpus: str) -> None:
+    """A search step: generate the folder, then one real search with a time budget; its numbers to a JSON file
+    (the GPU busy share from gpus.parquet, the most trials at once, trial start times)."""
     sys.path.insert(0, str(HERE))
     from common import inat_like_folder
 
@@ -152,9 +185,9 @@ def search_10k(results: Path) -> None:
         "--max-epochs",
         "3",
         "--time-budget",
-        "80s",
+        "45s",
         "--gpus-per-trial",
-        "0.25",
+        gpus,
         "--results",
         str(results),
         "--name",
@@ -166,14 +199,23 @@ def search_10k(results: Path) -> None:
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.monotonic() - searched
     folder = results / command[command.index("--name") + 1]
-    epochs = trials = 0
+    epochs = trials = at_once = 0
+    busy = start_median = None
     if (folder / "epochs.parquet").exists():
         import pandas as pd
 
+        from tune_inat.analyze import gpu_busy, load_search
+
         epochs = len(pd.read_parquet(folder / "epochs.parquet"))
-        trials = len(pd.read_parquet(folder / "trials.parquet")) if (folder / "trials.parquet").exists() else 0
+        search = load_search(folder)
+        trials = len(search.trials)
+        busy = gpu_busy(search)
+        busy = None if busy is None else busy[0]
+        ran = search.trials.dropna(subset=["started_at", "ended_at"])
+        at_once = max(((ran["started_at"] <= t) & (ran["ended_at"] >= t)).sum() for t in ran["started_at"])
+        start_median = float(search.trials["startup_seconds"].median())
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "search_10k_gpu.json").write_text(
+    (RESULTS / f"search_10k_{'auto' if gpus == 'auto' else 'fixed'}_gpu.json").write_text(
         json.dumps(
             {
                 "command": " ".join(shlex.quote(c) for c in command),
@@ -182,6 +224,9 @@ def search_10k(results: Path) -> None:
                 "folder_generation_seconds": generated,
                 "trial_epochs": epochs,
                 "trials_finished": trials,
+                "gpu_busy_share": busy,
+                "most_trials_at_once": int(at_once),
+                "trial_start_seconds_median": start_median,
             },
             indent=2,
         )
@@ -189,6 +234,19 @@ def search_10k(results: Path) -> None:
     if completed.returncode != 0:
         print(completed.stderr[-3000:], file=sys.stderr)
         raise SystemExit(completed.returncode)
+
+
+def test_outcome(name: str) -> str | None:
+    """passed / failed / skipped for one test of the pytest step (its JUnit XML), None when it did not run."""
+    if not JUNIT.exists():
+        return None
+    import xml.etree.ElementTree as ET
+
+    for case in ET.parse(JUNIT).iter("testcase"):
+        if case.get("name") == name:
+            kinds = {child.tag for child in case}
+            return "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+    return None
 
 
 def _rows(name: str) -> list[dict]:
@@ -202,11 +260,12 @@ def targets() -> list[dict]:
     resnet = train.get(("resnet50", 0.0))
     packing = {r["trials_sharing"]: r for r in _rows("bench_packing")}
     data = next((r for r in _rows("bench_data") if str(r.get("pipeline", "")).startswith("ours:")), None)
-    search = (
-        json.loads((RESULTS / "search_10k_gpu.json").read_text())
-        if (RESULTS / "search_10k_gpu.json").exists()
-        else None
-    )
+    searches = {
+        kind: json.loads(path.read_text()) if (path := RESULTS / f"search_10k_{kind}_gpu.json").exists() else None
+        for kind in ("fixed", "auto")
+    }
+    search, auto = searches["fixed"], searches["auto"]
+    released = test_outcome("test_a_stopped_or_failed_trial_gives_its_gpu_memory_back_within_2_s")
     found = [
         (
             "resnet50 training, 224 px, batch 128, full fine-tuning",
@@ -237,11 +296,38 @@ def targets() -> list[dict]:
             "{:.1f}x",
         ),
         (
-            "search of 10,000 images (quick space, 80 s budget, 16 trials at 0.25 GPU)",
+            "search of 10,000 images (quick space, 45 s budget, 16 trials at 0.25 GPU)",
             "measured",
             search and search["wall_seconds"],
             lambda v: search["exit_code"] == 0,
             "{:.0f} s wall" + (f", {search['trial_epochs']} trial-epochs" if search else ""),
+        ),
+        (
+            "--gpus-per-trial auto: GPU busy share of the search's steady state",
+            ">= 85%",
+            auto and auto["gpu_busy_share"],
+            lambda v: v >= 0.85,
+            "{:.0%}"
+            + (
+                f" (0.25 fixed: {search['gpu_busy_share']:.0%}); trials at once {auto['most_trials_at_once']} "
+                f"(0.25 fixed: {search['most_trials_at_once']})"
+                if auto and search and search.get("gpu_busy_share") is not None
+                else ""
+            ),
+        ),
+        (
+            "trial start on the GPU (model build, cache open, weights), median",
+            "< 5 s",
+            search and search["trial_start_seconds_median"],
+            lambda v: v < 5,
+            "{:.2f} s",
+        ),
+        (
+            "GPU memory back after a trial is stopped or fails (NVML, tests/test_gpu.py)",
+            "< 2 s",
+            released,
+            lambda v: v == "passed",
+            "{}",
         ),
     ]
     return [
@@ -261,9 +347,10 @@ def main() -> None:
         "--dry-run", action="store_true", help="print the plan and check that every step's command exists"
     )
     parser.add_argument("--search-10k", type=Path, default=None, help=argparse.SUPPRESS)  # the search step itself
+    parser.add_argument("--gpus", default="0.25", help=argparse.SUPPRESS)  # its --gpus-per-trial
     args = parser.parse_args()
     if args.search_10k:
-        search_10k(args.search_10k)
+        search_10k(args.search_10k, args.gpus)
         return
     steps = plan(sys.executable)
     print(f"GPU check: {len(steps)} steps, at most {sum(s.cap_s for s in steps) / 60:.1f} min")
@@ -271,7 +358,7 @@ def main() -> None:
         print(f"{index}. {step.name} (cap {step.cap_s} s): {' '.join(shlex.quote(c) for c in step.command[1:])}")
     if args.dry_run:
         missing = [s.name for s in steps if not (REPO / s.checks).exists()]
-        for step in steps[1:4]:  # every benchmark script parses its arguments
+        for step in steps[1:5]:  # every benchmark script parses its arguments
             help_run = subprocess.run([*step.command[:2], "--help"], cwd=REPO, capture_output=True, text=True)
             if help_run.returncode != 0:
                 missing.append(f"{step.name} --help: {help_run.stderr.strip()[-200:]}")

@@ -258,6 +258,78 @@ def test_four_trials_share_one_gpu_at_once(tmp_path: Path) -> None:
     assert trials["started_at"].max() < trials["ended_at"].min()  # all four ran at one moment, on one GPU
 
 
+def compute_processes() -> dict[int, float]:
+    """pid -> MiB of every process holding memory on GPU 0, from NVML (what nvidia-smi lists)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    return {p.pid: (p.usedGpuMemory or 0) / 2**20 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+
+
+@pytest.mark.slow
+def test_a_stopped_or_failed_trial_gives_its_gpu_memory_back_within_2_s(tmp_path: Path) -> None:
+    """ASHA stops trials mid-search and one trial fails: each one's process leaves the GPU (NVML) within 2 s of
+    its end, and the trial placed after it gets its full share (its peak is not capped below it)."""
+    seen: dict[int, float] = {}  # pid -> when NVML last listed it
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            now = time.time()
+            for pid in compute_processes():
+                seen[pid] = now
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_cli(
+            "tune_inat.search", "--demo", "--num-samples", "8", "--max-epochs", "4", "--scheduler", "asha",
+            "--grace-period", "1", "--reduction-factor", "2", "--no-reproducible", "--set", "backbone=resnet18",
+            "--set", "image_size=64", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent-trials",
+            "2", "--results", str(tmp_path / "results"), "--name", "release", "--no-wandb", "--quiet",
+            env={"TUNE_INAT_CACHE": str(tmp_path / "cache"), "TUNE_INAT_FAULTS": "3:2:error:always"},
+            timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        done.set()
+        watcher.join()
+    trials = pd.read_parquet(tmp_path / "results" / "release" / "trials.parquet")
+    ended = trials[trials["status"].isin(["stopped_early", "error"])]
+    assert len(ended) >= 2 and result.returncode == 0, result.stderr[-3000:]
+    for _, trial in ended.iterrows():
+        last_seen = seen.get(int(trial["worker_pid"]))
+        assert last_seen is not None, f"trial {trial['trial_id']} never seen on the GPU"
+        assert last_seen - trial["ended_at"].timestamp() < 2.0, (trial["trial_id"], last_seen)
+    epochs = pd.read_parquet(tmp_path / "results" / "release" / "epochs.parquet")
+    later = trials.sort_values("started_at").iloc[2:]  # placed after others ended
+    assert (epochs[epochs["trial_id"].isin(later["trial_id"])]["micro_batch_size"] == epochs["batch_size"]).all()
+
+
+@pytest.mark.slow
+def test_auto_packing_reserves_each_trial_its_measured_share(tmp_path: Path) -> None:
+    from tune_inat.packing import MemoryShares, read_probes
+
+    cache = tmp_path / "cache"
+    result = run_cli(
+        "tune_inat.search", "--demo", "--num-samples", "4", "--max-epochs", "2", "--scheduler", "fifo",
+        "--no-reproducible", "--set", "image_size=64", "--gpus-per-trial", "auto", "--cpus-per-trial", "1",
+        "--results", str(tmp_path / "results"), "--name", "auto", "--no-wandb", "--quiet",
+        env={"TUNE_INAT_CACHE": str(cache)}, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (table,) = list((cache / "memory").glob("*.json"))
+    probes = read_probes(table)
+    assert all(p.measured for p in probes.values())
+    shares = MemoryShares(probes, torch.cuda.get_device_properties(0).total_memory / 2**20, 1.0)
+    epochs = pd.read_parquet(tmp_path / "results" / "auto" / "epochs.parquet")
+    for _, row in epochs.iterrows():
+        assert row["gpu_share"] == shares.share(row.to_dict())
+        assert row["peak_gpu_memory_mb"] <= row["gpu_share"] * shares.gpu_total_mib  # it held in its share
+    assert (tmp_path / "results" / "auto" / "gpus.parquet").exists()  # what the GPUs did, sampled
+
+
 # -- frozen features on the GPU, torch.compile ---------------------------------------------------------------
 
 

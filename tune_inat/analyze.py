@@ -43,6 +43,7 @@ PLOTS = {
     "accuracy_vs_lr": "accuracy_vs_lr.png",
     "accuracy_vs_freeze": "accuracy_vs_freeze_fraction.png",
     "pareto": "pareto_front.png",
+    "gpu_utilization": "gpu_utilization.png",
 }
 COSTS = {"cpu_latency_ms_b1": "CPU latency, batch 1 (ms)", "total_parameters": "parameters"}
 
@@ -332,6 +333,8 @@ def write_plots(search: Search) -> dict[str, Path]:
     plot_accuracy_against(search, "freeze_fraction", paths["accuracy_vs_freeze"])
     if not plot_pareto(search, paths["pareto"]):
         del paths["pareto"]
+    if not plot_gpu_utilization(search, paths["gpu_utilization"]):
+        del paths["gpu_utilization"]
     return paths
 
 
@@ -468,6 +471,84 @@ def per_node(search: Search) -> pd.DataFrame | None:
     return table
 
 
+# -- what the GPUs did: gpus.parquet ------------------------------------------------------------------
+
+
+def gpu_samples(search: Search) -> pd.DataFrame | None:
+    """The search's GPU samples (gpus.parquet), or None when it has none (no NVIDIA GPU on the driver's host)."""
+    from tune_inat.gpu_monitor import GPUS_FILE, GPUS_SCHEMA
+    from tune_inat.results import file_exists, read_table_folder, resolve_folder
+
+    filesystem, path = resolve_folder(search.results.folder)
+    if not file_exists(filesystem, f"{path}/{GPUS_FILE}"):
+        return None
+    samples = read_table_folder(filesystem, f"{path}/{GPUS_FILE}", GPUS_SCHEMA).to_pandas()
+    return samples.sort_values(["timestamp", "gpu_index"]).reset_index(drop=True) if len(samples) else None
+
+
+def gpu_busy(search: Search) -> tuple[float, pd.DataFrame] | None:
+    """The GPUs' busy share while trials ran (the search's steady state), and each trial's GPU while it ran.
+
+    A trial's share is its GPU's utilisation over the trial's run: trials packed on one GPU share it.
+    """
+    samples = gpu_samples(search)
+    trials = search.trials.dropna(subset=["started_at", "ended_at"])
+    if samples is None or trials.empty:
+        return None
+    used = set(trials["gpu_uuid"].dropna()) if "gpu_uuid" in trials else set()
+    on_used = samples[samples["gpu_uuid"].isin(used)] if used else samples
+    running = np.zeros(len(on_used), dtype=bool)
+    times = on_used["timestamp"].to_numpy()
+    for start, end in zip(trials["started_at"].to_numpy(), trials["ended_at"].to_numpy()):
+        running |= (times >= start) & (times <= end)
+    overall = float(on_used.loc[running, "utilization"].mean()) if running.any() else float("nan")
+    rows = []
+    for _, trial in trials.iterrows():
+        gpu = samples[samples["gpu_uuid"] == trial.get("gpu_uuid")]
+        gpu = gpu[(gpu["timestamp"] >= trial["started_at"]) & (gpu["timestamp"] <= trial["ended_at"])]
+        rows.append(
+            {
+                "trial_id": trial["trial_id"],
+                "backbone": trial["backbone"],
+                "gpu_share": trial.get("gpu_share"),
+                "gpu_busy": float(gpu["utilization"].mean()) if len(gpu) else float("nan"),
+                "gpu_memory_peak_mib": float(gpu["memory_used_mib"].max()) if len(gpu) else float("nan"),
+                "samples": len(gpu),
+            }
+        )
+    return overall, pd.DataFrame(rows)
+
+
+def plot_gpu_utilization(search: Search, path: Path) -> bool:
+    """Each GPU's utilisation and memory over the search, with the number of trials running; False without samples."""
+    samples = gpu_samples(search)
+    if samples is None:
+        return False
+    fig, (busy, memory) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    start = samples["timestamp"].min()
+    for _, rows in samples.groupby("gpu_uuid"):
+        minutes = (rows["timestamp"] - start).dt.total_seconds() / 60
+        label = f"GPU {int(rows['gpu_index'].iloc[0])} ({rows['gpu_name'].iloc[0]})"
+        busy.plot(minutes, 100 * rows["utilization"], label=label, linewidth=1)
+        memory.plot(minutes, rows["memory_used_mib"] / 1024, label=label, linewidth=1)
+    trials = search.trials.dropna(subset=["started_at", "ended_at"])
+    if len(trials):
+        grid = samples["timestamp"].drop_duplicates().sort_values()
+        count = [int(((trials["started_at"] <= t) & (trials["ended_at"] >= t)).sum()) for t in grid]
+        twin = busy.twinx()
+        twin.step((grid - start).dt.total_seconds() / 60, count, where="post", color="grey", alpha=0.6)
+        twin.set_ylabel("trials running")
+    busy.set_ylabel("utilisation (%)")
+    memory.set_ylabel("memory used (GiB)")
+    memory.set_xlabel("minutes since the first sample")
+    busy.legend(loc="lower right", fontsize=8)
+    busy.set_title(f"{search.name}: what the GPUs did")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def summary_sections(search: Search) -> list[tuple[str, str, str]]:
     """(title, console text, markdown) for each part of the analysis."""
     saved = compute_saved(search)
@@ -491,6 +572,12 @@ def summary_sections(search: Search) -> list[tuple[str, str, str]]:
             (markdown_table(importance_frame) + "\n\n" if importance_frame is not None else "") + f"_{note}_",
         ),
     ]
+    busy = gpu_busy(search)
+    if busy is not None:
+        overall, per_trial = busy
+        line = f"GPUs busy {100 * overall:.0f}% of the time trials ran (samples once a second, gpus.parquet)"
+        table = per_trial.assign(gpu_busy=(100 * per_trial["gpu_busy"]).round(1))
+        sections.append(("GPU busy share", line + "\n" + text_table(table), line + "\n\n" + markdown_table(table)))
     by_node = per_node(search)
     if by_node is not None:
         sections.append(("Time per epoch by node", text_table(by_node), markdown_table(by_node)))

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from tune_inat.errors import UserError
+from tune_inat.packing import GPUS_AUTO, SHARE_STEP
 from tune_inat.spec import SearchSpec
 from tune_inat.strategies import expands_grid
 
@@ -20,8 +21,9 @@ class TrialResources:
     """What each trial reserves, and how many run at once."""
 
     cpus: float
-    gpus: float
+    gpus: float  # with by_memory: the smallest share a trial can get
     max_concurrent: int
+    by_memory: bool = False  # --gpus-per-trial auto: each trial's share from its measured memory (packing.py)
 
 
 def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool = True) -> TrialResources:
@@ -30,12 +32,15 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool =
     node_gpus = [node.get("GPU", 0.0) for node in nodes]
     node_cpus = [node.get("CPU", 0.0) for node in nodes]
     gpus = options.gpus_per_trial
+    by_memory = gpus == GPUS_AUTO
     if sum(node_gpus) == 0:
-        if warn and (gpus is None or gpus > 0):
+        if warn and (gpus is None or by_memory or gpus > 0):
             log.warning("warning: no GPU in the Ray cluster: trials run on the CPU (slow; fine for the demo)")
-        gpus = 0.0
+        gpus, by_memory = 0.0, False
     elif gpus is None:
         gpus = 0.25
+    elif by_memory:
+        gpus = SHARE_STEP  # what the smallest trial reserves: as many as that fits may run at once
     if gpus > max(node_gpus):
         raise UserError(f"gpus_per_trial {gpus:g} is more than any node has ({max(node_gpus):g} GPUs per node)")
     cpus = options.cpus_per_trial or (2.0 if gpus > 0 else 1.0)
@@ -50,7 +55,7 @@ def plan_resources(spec: SearchSpec, nodes: list[dict[str, float]], warn: bool =
     max_concurrent = options.max_concurrent_trials or max(
         1, fits if expands_grid(spec) else min(fits, options.num_samples)
     )
-    return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent)
+    return TrialResources(cpus=cpus, gpus=gpus, max_concurrent=max_concurrent, by_memory=by_memory)
 
 
 def local_node_resources() -> dict[str, float]:

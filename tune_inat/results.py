@@ -99,6 +99,8 @@ TRIAL_COLUMNS = [
     ("node_id", pa.string(), "the Ray node the trial last ran on"),
     ("node_host", pa.string(), "that node's host name"),
     ("device_name", pa.string(), "the GPU model the trial trained on, or the CPU model"),
+    ("gpu_uuid", pa.string(), "the UUID of the GPU the trial last ran on (gpus.parquet's samples of it); null on CPU"),
+    ("worker_pid", pa.int64(), "the process id of the trial's last run (on its node)"),
     ("started_at", TIMESTAMP, "when the trial started (UTC)"),
     ("ended_at", TIMESTAMP, "when the trial ended (UTC)"),
 ]
@@ -118,7 +120,7 @@ COST_KEYS = (
     "gpu_latency_ms_b64",
     "latency_gpu",
 )
-PLACE_KEYS = ("node_id", "node_host", "device_name")
+PLACE_KEYS = ("node_id", "node_host", "device_name", "gpu_uuid", "worker_pid")
 REPORTED_TRIAL_KEYS = (
     "max_epochs",
     "trainable_parameters",

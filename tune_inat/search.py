@@ -26,6 +26,7 @@ from tune_inat.cli import (
 )
 from tune_inat.errors import UserError
 from tune_inat.job import SearchRequest, run_job, space_name, spec_of
+from tune_inat.packing import GPUS_AUTO
 from tune_inat.results import absolute_location
 from tune_inat.space import parse_duration
 from tune_inat.strategies import SCHEDULERS, SEARCHERS
@@ -97,9 +98,10 @@ def search_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--gpus-per-trial",
-        type=float,
+        type=gpu_share_flag,
         default=None,
-        help="GPU share per trial, e.g. 0.25: four trials per GPU (default 0.25 where there are GPUs)",
+        help="GPU share per trial, e.g. 0.25: four trials per GPU; auto: each trial the share its measured training "
+        "memory needs (default 0.25 where there are GPUs)",
     )
     options.add_argument(
         "--cpus-per-trial",
@@ -169,6 +171,15 @@ def search_parser() -> argparse.ArgumentParser:
         help="show the trials' own log lines (hidden by default: errors are in the status table and trials.parquet)",
     )
     return parser
+
+
+def gpu_share_flag(text: str) -> float | str:
+    if text == GPUS_AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a GPU share (e.g. 0.25) or auto, got {text}") from None
 
 
 def positive_seconds(text: str) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 
 from tune_inat.cli import read_yaml
 from tune_inat.errors import UserError
+from tune_inat.packing import GPUS_AUTO
 from tune_inat.settings import FIELD_TYPES, TrainConfig, coerce_setting, coerce_settings
 from tune_inat.spec import Parameter, SearchOptions, SearchSpec
 from tune_inat.strategies import SCHEDULERS, SEARCHERS, expands_grid, scheduler_options, searcher_entry
@@ -300,7 +301,9 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
     checked = {
         "num_samples": number("num_samples", options.num_samples, int, 1),
         "max_epochs": number("max_epochs", options.max_epochs, int, 1),
-        "gpus_per_trial": number("gpus_per_trial", options.gpus_per_trial, float, 0),
+        "gpus_per_trial": options.gpus_per_trial
+        if options.gpus_per_trial == GPUS_AUTO
+        else number("gpus_per_trial", options.gpus_per_trial, float, 0),
         "cpus_per_trial": number("cpus_per_trial", options.cpus_per_trial, float, 0, low_open=True),
         "max_concurrent_trials": number("max_concurrent_trials", options.max_concurrent_trials, int, 1),
         "time_budget_s": number("time_budget_s", options.time_budget_s, float, 0, low_open=True),
@@ -340,7 +343,7 @@ def check_options(options: SearchOptions, source: str) -> SearchOptions:
             source, "tune_inat.scheduler", "hyperband needs min_iter >= 1, or max_iter and s (as W&B's schema says)"
         )
     gpus = checked["gpus_per_trial"]
-    if gpus is not None and gpus > 1 and not gpus.is_integer():
+    if isinstance(gpus, float) and gpus > 1 and not gpus.is_integer():
         raise _fail(source, "tune_inat.gpus_per_trial", f"a share above 1 must be a whole number of GPUs, got {gpus}")
     return replace(options, **checked)
 

@@ -46,7 +46,7 @@ class SearchOptions:
     scheduler: str = "asha"
     scheduler_options: dict[str, Any] = field(default_factory=dict)  # the scheduler's own knobs (strategies.py)
     searcher: str | None = None  # None: from `method`
-    gpus_per_trial: float | None = None  # None: 0.25 where there are GPUs, else 0
+    gpus_per_trial: float | str | None = None  # None: 0.25 where there are GPUs, else 0; "auto": by memory
     cpus_per_trial: float | None = None  # None: 2 with GPUs, 1 without
     max_concurrent_trials: int | None = None  # None: as many as the resources fit
     time_budget_s: float | None = None
@@ -110,6 +110,13 @@ class SearchSpec:
     @property
     def max_epochs(self) -> int:
         return self.options.max_epochs or self.largest_epochs()
+
+    def backbone_sizes(self) -> set[tuple[str, int]]:
+        """Every (backbone, input resolution) a trial can be: what `--gpus-per-trial auto` measures."""
+        return {
+            (backbone, size or get_backbone(backbone).native_size)
+            for backbone, size in itertools.product(self.values_of("backbone"), self.values_of("image_size"))
+        }
 
     def image_sizes(self) -> set[int]:
         """Every input resolution a trial can use: the decode cache is built once for each."""

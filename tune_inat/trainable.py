@@ -186,6 +186,8 @@ def fine_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         "node_id": ray.get_runtime_context().get_node_id(),  # where it runs now (after a retry: the new node)
         "node_host": socket.gethostname(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "gpu_uuid": f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else None,
+        "worker_pid": os.getpid(),
     }
     if history and "startup_seconds" in history[0]:
         facts["startup_seconds"] = history[0]["startup_seconds"]

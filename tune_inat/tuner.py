@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tune_inat.console import STATUS_INTERVAL_S
 from tune_inat.data.dataset import DataConfig, TrainValData
 from tune_inat.errors import UserError
+from tune_inat.gpu_monitor import sampling_gpus
 from tune_inat.place import Claim, SearchPlace
 from tune_inat.ray_state import recover_replaced_checkpoints, saved_trials, set_aside_broken_ray_state
 from tune_inat.resources import TrialResources, plan_resources
@@ -24,6 +25,7 @@ from tune_inat.spec import SearchSpec
 from tune_inat.strategies import expands_grid
 
 if TYPE_CHECKING:
+    from tune_inat.packing import MemoryShares
     from tune_inat.searchers import StudyMirror
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,37 @@ def restore_tuner(spec: SearchSpec, place: SearchPlace, trainable: Any) -> Any:
         ) from None
 
 
+class MemoryResources:
+    """Ray's per-trial resources from the trial's config (`tune.with_resources` calls it for each trial)."""
+
+    def __init__(self, shares: MemoryShares) -> None:
+        self.shares = shares
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        from ray.tune import PlacementGroupFactory
+
+        return PlacementGroupFactory([self.shares(config)])
+
+
+def memory_shares(spec: SearchSpec, data_config: DataConfig, resources: TrialResources) -> MemoryShares:
+    """`--gpus-per-trial auto`: the training memory of every (backbone, size) of the space, measured on this
+    driver's GPU (once, then cached), and each trial's share from it."""
+    import torch
+
+    from tune_inat.packing import probes_for
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            "--gpus-per-trial auto measures each backbone's training memory on the driver's GPU, and this driver "
+            "has none (a CPU head node?): give a share, e.g. --gpus-per-trial 0.25, or run the driver on a GPU node"
+        )
+    pairs = sorted(spec.backbone_sizes())
+    log.info("measuring the training memory of %d backbone and size pairs on the GPU (once, then cached)", len(pairs))
+    probes = probes_for(pairs, data_config.cache_dir)
+    total = torch.cuda.get_device_properties(0).total_memory / 2**20
+    return MemoryShares(probes, total, resources.cpus)
+
+
 def run_search(
     spec: SearchSpec,
     data_config: DataConfig,
@@ -261,9 +294,10 @@ def execute(
         before_epoch=before_epoch,
         worker_logs=worker_logs,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(fine_tune_trial, context=context), {"cpu": resources.cpus, "gpu": resources.gpus}
-    )
+    per_trial = {"cpu": resources.cpus, "gpu": resources.gpus}
+    if resources.by_memory:
+        per_trial = MemoryResources(memory_shares(spec, data_config, resources))
+    trainable = tune.with_resources(tune.with_parameters(fine_tune_trial, context=context), per_trial)
     if resume:
         set_aside_broken_ray_state(place)
         recover_replaced_checkpoints(place)
@@ -291,7 +325,8 @@ def execute(
     if signal_log.getEffectiveLevel() > logging.WARNING:  # a quiet Ray would not even create the record
         signal_log.setLevel(logging.WARNING)  # Ray's own handler still hides it (OnlyCritical) unless --verbose
     try:
-        grid = tuner.fit()
+        with sampling_gpus(place.results):  # what the GPUs did, once a second, into gpus.parquet
+            grid = tuner.fit()
     except (EOFError, pickle.UnpicklingError) as err:
         # Ray builds its ResultGrid by unpickling each failed trial's error.pkl after the run; one left empty by a
         # failed write (a full disk) raises here although the run ended and its state was saved.
