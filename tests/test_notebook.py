@@ -134,8 +134,12 @@ def test_a_live_search_in_a_kernel_is_one_area_stops_on_interrupt_resumes_and_ru
         again = kernel.run(f"r2 = tune_inat.search({options}, name='second')")
         assert kernel.value("(r2.exit_code, len(r2.trials))") == [0, 4]
 
+        # The notebook's own Ray sends its workers' stderr to the cell (log_to_driver, Ray's default): an interrupt
+        # ends trial processes, and what Python prints as Ray stops them comes from there, not from the search.
+        ours = [line for line in stream_text(first).splitlines() if "(fine_tune_trial pid=" not in line]
+        assert not NOISE.search("\n".join(ours)), stream_text(first)
+        assert not NOISE.search(stream_text(again)), stream_text(again)  # nothing interrupted: nothing at all
         for outputs in (first, again):
-            assert not NOISE.search(stream_text(outputs)), stream_text(outputs)
             assert len(status_areas(outputs)) == 1  # one output area ...
             assert sum(o["msg_type"] == "display_data" for o in outputs) == 1
             assert sum(o["msg_type"] == "update_display_data" for o in outputs) >= 2  # ... updated in place

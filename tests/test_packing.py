@@ -45,6 +45,9 @@ def test_trials_packed_by_their_shares_never_need_more_memory_than_the_gpu_has(t
         assert SHARE_STEP <= share <= 1 and (share / SHARE_STEP) == pytest.approx(round(share / SHARE_STEP))
         peak = PROBES[probe_key(backbone, size)].peak_mib(batch)
         assert share * total >= min(total, peak * 1.15) - 1e-6  # the share holds the trial and its margin
+        if peak * 1.15 > total:  # more than the GPU holds: a whole GPU, where its own out-of-memory retry halves it
+            assert share == 1.0
+            continue
         if reserved + share <= 1 + 1e-9:  # what Ray does with fractional GPUs
             on_gpu.append(peak)
             reserved += share

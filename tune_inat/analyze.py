@@ -37,13 +37,13 @@ log = logging.getLogger(__name__)
 
 LOG_SCALE = {"lr", "weight_decay", "backbone_lr_scale"}
 MIN_TRIALS_FOR_IMPORTANCE = 10
+GPU_PLOT = "gpu_utilization.png"
 PLOTS = {
     "learning_curves": "learning_curves.png",
     "parallel_coordinates": "parallel_coordinates.png",
     "accuracy_vs_lr": "accuracy_vs_lr.png",
     "accuracy_vs_freeze": "accuracy_vs_freeze_fraction.png",
     "pareto": "pareto_front.png",
-    "gpu_utilization": "gpu_utilization.png",
 }
 COSTS = {"cpu_latency_ms_b1": "CPU latency, batch 1 (ms)", "total_parameters": "parameters"}
 
@@ -333,8 +333,8 @@ def write_plots(search: Search) -> dict[str, Path]:
     plot_accuracy_against(search, "freeze_fraction", paths["accuracy_vs_freeze"])
     if not plot_pareto(search, paths["pareto"]):
         del paths["pareto"]
-    if not plot_gpu_utilization(search, paths["gpu_utilization"]):
-        del paths["gpu_utilization"]
+    if plot_gpu_utilization(search, search.folder / GPU_PLOT):  # only with gpus.parquet (an NVIDIA driver)
+        paths["gpu_utilization"] = search.folder / GPU_PLOT
     return paths
 
 
